@@ -1,0 +1,242 @@
+"""Trend statistics of daily series: slopes, tests, change rates and a direction-aware verdict.
+
+Input series are daily levels (one robust value per day), which already removes the daily
+cycle and most short-range autocorrelation of raw samples. Where a series spans two weeks or
+more, the weekday effect is estimated jointly with the slope and removed before testing, so
+a weekly cycle that happens to start and end on different weekdays is not read as a trend.
+
+A series is `is_significant` when its Mann–Kendall p-value survives Benjamini–Hochberg over
+all series analysed together *and* the change over the window is large enough to matter
+(`min_change_percent` of the window mean). The change rate is relative to the window's
+mean, never to a regression intercept, and is left empty when the mean is too close to zero
+for a ratio to mean anything.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from datetime import datetime
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+
+from perf_pipeline.catalog import get_metric
+
+# Below this share of the series' spread, the mean is "near zero" and ratios to it are noise.
+_NEAR_ZERO_MEAN = 0.5
+_EWMA_SPAN_DAYS = 7
+WEEKLY_CYCLE_P = 0.01
+
+
+@dataclass(frozen=True)
+class TrendResult:
+    n_days: int
+    window_mean: float | None
+    ols_slope_per_day: float | None
+    ols_p_value: float | None
+    theil_sen_slope_per_day: float | None
+    theil_sen_low: float | None
+    theil_sen_high: float | None
+    mann_kendall_tau: float | None
+    mann_kendall_p_value: float | None
+    change_rate_percent: float | None  # per week, relative to the window mean
+    change_over_window_percent: float | None
+    change_over_window: float | None  # same, in the series' own unit
+    noise_sigma: float | None  # robust spread of the de-trended daily values
+    seasonally_adjusted: bool
+    moving_average_7d: float | None
+    ewma: float | None
+
+
+def _empty(n_days: int, values: np.ndarray) -> TrendResult:
+    mean = float(np.mean(values)) if len(values) else None
+    return TrendResult(n_days, mean, None, None, None, None, None, None, None, None, None, None,
+                       None, False, mean, mean)
+
+
+def remove_weekday_effect(day_index: np.ndarray, values: np.ndarray,
+                          weekday: np.ndarray) -> np.ndarray | None:
+    """Values with the weekday effect subtracted, or None when there is no clear weekly cycle.
+
+    The weekday effect is fitted jointly with a linear trend, and only removed when an F-test
+    says it is real (p < WEEKLY_CYCLE_P): taking six degrees of freedom out of a series that
+    has no cycle would make noise look more regular, and the trend test too eager.
+    """
+    present = np.unique(weekday)
+    dummies = (weekday[:, None] == present[None, 1:]).astype(float)
+    trend_only = np.column_stack([np.ones_like(day_index), day_index])
+    design = np.column_stack([trend_only, dummies])
+    coefficients, *_ = np.linalg.lstsq(design, values, rcond=None)
+    full_rss = float(np.sum((values - design @ coefficients) ** 2))
+    base_coefficients, *_ = np.linalg.lstsq(trend_only, values, rcond=None)
+    base_rss = float(np.sum((values - trend_only @ base_coefficients) ** 2))
+    extra, residual_dof = dummies.shape[1], len(values) - design.shape[1]
+    if residual_dof <= 0:
+        return None
+    if full_rss > 0:
+        f_stat = ((base_rss - full_rss) / extra) / (full_rss / residual_dof)
+        if stats.f.sf(f_stat, extra, residual_dof) >= WEEKLY_CYCLE_P:
+            return None
+    elif base_rss == 0:
+        return None
+    effects = np.concatenate([[0.0], coefficients[2:]])
+    effects -= effects.mean()
+    lookup = dict(zip(present, effects))
+    return values - np.array([lookup[w] for w in weekday])
+
+
+def lag1_autocorrelation(residuals: np.ndarray) -> float:
+    """Lag-1 autocorrelation with the Marriott–Pope small-sample bias correction."""
+    n = len(residuals)
+    centred = residuals - residuals.mean()
+    denominator = float(np.dot(centred, centred))
+    if n < 4 or denominator == 0:
+        return 0.0
+    raw = float(np.dot(centred[1:], centred[:-1]) / denominator)
+    return float(np.clip(raw + (1 + 4 * raw) / n, -0.95, 0.95))
+
+
+def _autocorrelation_corrected(p_value: float, residuals: np.ndarray) -> float:
+    """Mann–Kendall p-value with its variance inflated for positive lag-1 autocorrelation.
+
+    Persistent load (AR(1)-like) makes neighbouring days alike, which the plain test reads
+    as a trend. Scaling the variance by (1 + rho) / (1 - rho), the effective-sample-size
+    correction of an AR(1) process, keeps its false alarms near the nominal rate. (Counting
+    only significant autocorrelation, as Hamed and Rao do, gains little power on daily
+    series of 30 points and triples the false alarms on AR(1) noise: measured.)
+    """
+    rho = lag1_autocorrelation(residuals)
+    if rho <= 0 or p_value >= 1:
+        return p_value
+    z = stats.norm.isf(p_value / 2) / np.sqrt((1 + rho) / (1 - rho))
+    return float(2 * stats.norm.sf(z))
+
+
+def analyze_trend(day_index: Iterable[float], values: Iterable[float], *,
+                  weekday: Iterable[int] | None = None, min_days: int = 7) -> TrendResult:
+    """Trend statistics of one daily series; `day_index` in days (any origin), ascending."""
+    t = np.asarray(day_index, dtype=float)
+    y = np.asarray(values, dtype=float)
+    keep = np.isfinite(t) & np.isfinite(y)
+    t, y = t[keep], y[keep]
+    n = len(y)
+    if n < max(min_days, 3) or np.ptp(t) == 0:
+        return _empty(n, y)
+    adjusted = False
+    if weekday is not None and np.ptp(t) >= 14:
+        days_of_week = np.asarray(weekday, dtype=int)[keep]
+        if len(np.unique(days_of_week)) == 7:
+            deseasonalized = remove_weekday_effect(t, y, days_of_week)
+            if deseasonalized is not None:
+                y, adjusted = deseasonalized, True
+
+    mean = float(np.mean(y))
+    if np.ptp(y) == 0:
+        ols_slope, ols_p, ts_slope, ts_low, ts_high, tau, mk_p = 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 1.0
+    else:
+        ols = stats.linregress(t, y)
+        ols_slope, ols_p = float(ols.slope), float(ols.pvalue)
+        ts_slope, _, ts_low, ts_high = (float(v) for v in stats.theilslopes(y, t, alpha=0.95))
+        # Mann–Kendall's S statistic is Kendall's tau between time and value.
+        kendall = stats.kendalltau(t, y)
+        tau, mk_p = float(kendall.statistic), float(kendall.pvalue)
+
+    residuals = y - (np.median(y - ts_slope * t) + ts_slope * t)
+    mk_p = _autocorrelation_corrected(mk_p, residuals)
+    noise_sigma = float(1.4826 * np.median(np.abs(residuals - np.median(residuals))))
+    span = float(t[-1] - t[0])
+    change = ts_slope * span
+    meaningful_mean = abs(mean) > max(_NEAR_ZERO_MEAN * noise_sigma, 1e-12)
+    weights = np.exp(-np.log(2) * (t[-1] - t) / _EWMA_SPAN_DAYS)
+    recent = t >= t[-1] - 7
+    return TrendResult(
+        n_days=n,
+        window_mean=mean,
+        ols_slope_per_day=ols_slope,
+        ols_p_value=ols_p,
+        theil_sen_slope_per_day=ts_slope,
+        theil_sen_low=ts_low,
+        theil_sen_high=ts_high,
+        mann_kendall_tau=tau,
+        mann_kendall_p_value=mk_p,
+        change_rate_percent=ts_slope * 7 / abs(mean) * 100 if meaningful_mean else None,
+        change_over_window_percent=change / abs(mean) * 100 if meaningful_mean else None,
+        change_over_window=change,
+        noise_sigma=noise_sigma,
+        seasonally_adjusted=adjusted,
+        moving_average_7d=float(np.mean(y[recent])),
+        ewma=float(np.sum(weights * y) / np.sum(weights)),
+    )
+
+
+def benjamini_hochberg(p_values: Iterable[float | None]) -> np.ndarray:
+    """BH-adjusted p-values; missing p-values stay missing and do not count as tests."""
+    p = np.array([np.nan if v is None else v for v in p_values], dtype=float)
+    adjusted = np.full_like(p, np.nan)
+    present = np.isfinite(p)
+    if present.any():
+        adjusted[present] = stats.false_discovery_control(p[present], method="bh")
+    return adjusted
+
+
+def classify_trends(results: pd.DataFrame, *, alpha: float, min_change_percent: float) -> pd.DataFrame:
+    """Add `p_value_adjusted`, `is_significant` and `trend_direction` to a table of results.
+
+    `results` needs the TrendResult columns and `degrading_sign` (+1 where an increase is a
+    regression, -1 where a decrease is). A series whose mean is near zero has no relative
+    change; it counts as practically relevant when it moved by more than twice its noise.
+    """
+    out = results.copy()
+    numeric = [c for c in result_columns() if c != "seasonally_adjusted"]
+    out[numeric] = out[numeric].astype(float)
+    out["p_value_adjusted"] = benjamini_hochberg(out["mann_kendall_p_value"].tolist())
+    relative = out["change_over_window_percent"].abs() >= min_change_percent
+    absolute = out["change_over_window"].abs() > 2 * out["noise_sigma"]
+    relevant = np.where(out["change_over_window_percent"].notna(), relative, absolute)
+    significant = (out["p_value_adjusted"] < alpha) & relevant
+    out["is_significant"] = significant.fillna(False).astype(bool)
+    worse = np.sign(out["theil_sen_slope_per_day"].fillna(0.0)) * out["degrading_sign"]
+    out["trend_direction"] = np.select(
+        [out["is_significant"] & (worse > 0), out["is_significant"] & (worse < 0)],
+        ["degrading", "improving"], default="stable")
+    return out
+
+
+def result_columns() -> list[str]:
+    return list(asdict(_empty(0, np.array([]))).keys())
+
+
+def compute_trend_stats(daily: pd.DataFrame, *, window_start: datetime, window_end: datetime,
+                        computed_at: datetime, alpha: float, min_change_percent: float, min_days: int) -> pd.DataFrame:
+    """The `trend_stats` table from daily series (scope, metric_name, test_name, node_id,
+    relative, day, value, n), one row per series, significance judged across all of them."""
+    rows = []
+    keys = ["scope", "metric_name", "test_name", "node_id"]
+    for (scope, metric_name, test_name, node_id), series in daily.groupby(
+            keys, dropna=False, sort=True):
+        days = pd.to_datetime(series["day"])
+        origin = days.min()
+        result = analyze_trend((days - origin).dt.days.to_numpy(), series["value"].to_numpy(),
+                               weekday=days.dt.weekday.to_numpy(), min_days=min_days)
+        metric = get_metric(metric_name)
+        relative = bool(series["relative"].iloc[0])
+        rows.append({
+            "scope": scope, "metric_name": metric_name,
+            "test_name": None if pd.isna(test_name) else test_name,
+            "node_id": None if pd.isna(node_id) else node_id,
+            "level_basis": "relative_to_test_median" if relative else "absolute",
+            "unit": "ratio" if relative else metric.unit,
+            "direction": metric.direction.value,
+            "degrading_sign": metric.degrading_sign,
+            "n_points": int(series["n"].sum()),
+            **asdict(result),
+        })
+    table = pd.DataFrame(rows, columns=[*keys, "level_basis", "unit", "direction",
+                                        "degrading_sign", "n_points", *result_columns()])
+    table = classify_trends(table, alpha=alpha, min_change_percent=min_change_percent)
+    table["computed_at"] = computed_at
+    table["window_start"] = window_start
+    table["window_end"] = window_end
+    return table

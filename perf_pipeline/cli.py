@@ -1,0 +1,205 @@
+"""`perf-pipeline`: simulate a fleet, ingest metric files, run the pipeline, or all three (demo)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+import warnings
+from datetime import date, datetime, timezone
+from pathlib import Path
+
+from perf_pipeline.config import paths_from_env
+from perf_pipeline.ingest.formats import is_supported
+from perf_pipeline.report.markdown import markdown_table
+
+
+class UsageError(ValueError):
+    pass
+
+
+def _input_files(arguments: list[str]) -> list[Path]:
+    files: list[Path] = []
+    for argument in arguments:
+        path = Path(argument)
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*") if p.is_file() and is_supported(p))
+            if not found:
+                raise UsageError(f"{path}: no metric files (.jsonl, .ndjson, .csv) in this folder")
+            files.extend(found)
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise UsageError(f"{path}: no such file or folder")
+    return files
+
+
+def _end_of(value: str | None) -> datetime | None:
+    if value is None:
+        return None
+    try:
+        day = date.fromisoformat(value)
+    except ValueError:
+        raise UsageError(f"--end must be a date like 2026-11-28, got {value!r}") from None
+    return datetime(day.year, day.month, day.day, tzinfo=timezone.utc)
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from perf_pipeline.ingest.simulator import simulate_fleet
+
+    started = time.perf_counter()
+    summary = simulate_fleet(Path(args.out), days=args.days, nodes=args.nodes, tests=args.tests,
+                             seed=args.seed, end=_end_of(args.end), runs_per_day=args.runs_per_day)
+    print(f"simulated {summary.rows} rows for {args.nodes} nodes and {args.tests} tests over "
+          f"{args.days} days in {time.perf_counter() - started:.1f}s → {args.out} "
+          f"(ground truth: {summary.truth_path})")
+    return 0
+
+
+def _ingest(files: list[Path], landing: Path) -> None:
+    from perf_pipeline.ingest.landing import ingest_files
+
+    report = ingest_files(files, landing)
+    days = sorted(report.records_by_day)
+    span = f"{days[0]} … {days[-1]}" if days else "no days"
+    print(f"ingested {report.records_read} records from {report.files_read} files into "
+          f"{len(days)} landing days ({span}); {len(report.files_written)} new landing files")
+    if report.undated_records or report.unreadable_records:
+        print(f"  {report.undated_records} records without a usable timestamp and "
+              f"{report.unreadable_records} unreadable records were kept under today's day; "
+              "they will be quarantined with a reason when it loads")
+
+
+def cmd_ingest(args: argparse.Namespace) -> int:
+    paths = paths_from_env().ensure()
+    _ingest(_input_files(args.files), paths.landing)
+    return 0
+
+
+def _run(window_days: int | None, days: list[date] | None = None) -> None:
+    from perf_pipeline.definitions import defs
+    from perf_pipeline.defs.runner import run_pipeline
+
+    paths = paths_from_env()
+    started = time.perf_counter()
+    trend_config = {"window_days": window_days} if window_days else None
+    report = run_pipeline(paths, defs=defs, days=days, trend_config=trend_config)
+    for day, reason in report.days_skipped:
+        print(f"  skipped {day}: {reason}")
+    print(f"pipeline done in {time.perf_counter() - started:.1f}s: {len(report.days_loaded)} "
+          f"days loaded, {len(report.run_ids)} Dagster runs (see them with `dagster dev`)")
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    days = None
+    if args.day:
+        try:
+            days = sorted({date.fromisoformat(d) for d in args.day})
+        except ValueError as error:
+            raise UsageError(f"--day: {error}") from None
+    _run(args.window_days, days)
+    return 0
+
+
+def _summary() -> None:
+    from perf_pipeline.storage.warehouse import open_warehouse
+
+    paths = paths_from_env()
+    with open_warehouse(paths.database, read_only=True) as wh:
+        counts = wh.table_counts()
+        degrading = wh.top_trends(direction="degrading", limit=10)
+    print()
+    print(f"rows stored: {counts['performance_metrics']:,}   quarantined: "
+          f"{counts['quarantined_metrics']:,}   normalized points: "
+          f"{counts['normalized_timeseries']:,}   series analysed: {counts['trend_stats']:,}")
+    print()
+    if len(degrading):
+        print("What is getting worse (significant degrading trends, change over the window):")
+        print(markdown_table(
+            ["scope", "metric", "test", "node", "% per week", "% over window", "p (BH)"],
+            degrading[["scope", "metric_name", "test_name", "node_id", "change_rate_percent",
+                       "change_over_window_percent", "p_value_adjusted"]].itertuples(index=False)))
+    else:
+        print("No significant degrading trend.")
+    print()
+    print(f"database: {paths.database}")
+    print("explore:  dagster dev   (then open http://127.0.0.1:3000, asset groups ingest → analysis)")
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from perf_pipeline.ingest.simulator import simulate_fleet
+
+    paths = paths_from_env().ensure()
+    out = paths.home / "simulated" / f"seed{args.seed}"
+    print(f"1/3 simulating {args.nodes} nodes × {args.tests} tests × {args.days} days (seed {args.seed})")
+    summary = simulate_fleet(out, days=args.days, nodes=args.nodes, tests=args.tests,
+                             seed=args.seed, runs_per_day=args.runs_per_day)
+    print(f"    {summary.rows:,} rows, ground truth in {summary.truth_path}")
+    print("2/3 ingesting into the landing archive")
+    _ingest(_input_files([str(out)]), paths.landing)
+    print("3/3 materializing every asset through Dagster")
+    _run(args.window_days)
+    _summary()
+    return 0
+
+
+def _fleet_arguments(parser: argparse.ArgumentParser, *, seed: int) -> None:
+    parser.add_argument("--days", type=int, default=30, help="days of history (default 30)")
+    parser.add_argument("--nodes", type=int, default=20, help="test nodes (default 20)")
+    parser.add_argument("--tests", type=int, default=50, help="tests in the suite (default 50)")
+    parser.add_argument("--seed", type=int, default=seed, help=f"random seed (default {seed})")
+    parser.add_argument("--runs-per-day", type=int, default=12, help="CI runs a day (default 12)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="perf-pipeline",
+        description="Performance trends of a test fleet on Dagster and DuckDB. State lives "
+                    "under $PERF_PIPELINE_HOME (default ./var).")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    demo = commands.add_parser("demo", help="simulate a fleet, ingest it, run every asset, summarize")
+    _fleet_arguments(demo, seed=7)
+    demo.add_argument("--window-days", type=int, default=None, help="trend window (default 30)")
+    demo.set_defaults(handler=cmd_demo)
+
+    simulate = commands.add_parser("simulate", help="write a simulated fleet in landing format")
+    _fleet_arguments(simulate, seed=0)
+    simulate.add_argument("--out", required=True, help="output folder (<day>/*.jsonl, truth.json)")
+    simulate.add_argument("--end", help="last day simulated, YYYY-MM-DD (default: now)")
+    simulate.set_defaults(handler=cmd_simulate)
+
+    ingest = commands.add_parser("ingest", help="copy metric files (JSON Lines, CSV) into landing/")
+    ingest.add_argument("files", nargs="+", help="files or folders of metric files")
+    ingest.set_defaults(handler=cmd_ingest)
+
+    run = commands.add_parser("run", help="materialize new or changed days and all analysis")
+    run.add_argument("--day", action="append", help="re-run this day (repeatable); default: "
+                                                    "every new or changed landing day")
+    run.add_argument("--window-days", type=int, default=None, help="trend window (default 30)")
+    run.set_defaults(handler=cmd_run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    # Dagster marks backfill policies as beta; users of the CLI cannot act on that warning.
+    warnings.filterwarnings("ignore", message=".*currently in beta")
+    from perf_pipeline.defs.runner import PipelineRunError
+    from perf_pipeline.storage.warehouse import WarehouseLockedError
+
+    try:
+        return args.handler(args)
+    except (PipelineRunError, WarehouseLockedError) as error:
+        print(f"perf-pipeline: error: {error}", file=sys.stderr)
+        return 1
+    except (ValueError, OSError) as error:
+        print(f"perf-pipeline: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("perf-pipeline: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

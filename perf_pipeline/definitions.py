@@ -1,0 +1,14 @@
+"""The one Definitions object of perf_pipeline: assets, checks, jobs and resources."""
+
+import dagster as dg
+
+from perf_pipeline.defs import analysis, ingest, normalize
+from perf_pipeline.defs.automation import analysis_job, daily_ingest_job
+from perf_pipeline.defs.resources import warehouse_resource
+
+defs = dg.Definitions(
+    assets=dg.load_assets_from_modules([ingest, normalize, analysis]),
+    asset_checks=dg.load_asset_checks_from_modules([ingest, normalize, analysis]),
+    jobs=[daily_ingest_job, analysis_job],
+    resources={"warehouse": warehouse_resource()},
+)

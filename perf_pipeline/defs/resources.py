@@ -1,0 +1,35 @@
+"""The one DuckDB writer every asset goes through, and where the landing archive is."""
+
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from dagster_duckdb import DuckDBResource
+from pydantic import Field
+
+from perf_pipeline.config import Paths, paths_from_env
+from perf_pipeline.storage.warehouse import Warehouse
+
+
+class WarehouseResource(DuckDBResource):
+    """DuckDB through dagster-duckdb (which retries while another process holds the lock),
+    opened as a migrated perf_pipeline warehouse. Assets that write use the `duckdb` pool,
+    which dagster.yaml limits to one at a time: DuckDB allows a single writing process."""
+
+    landing_dir: str = Field(description="Root of the landing archive (landing/<YYYY-MM-DD>/).")
+
+    @property
+    def landing(self) -> Path:
+        return Path(self.landing_dir)
+
+    @contextmanager
+    def open(self) -> Iterator[Warehouse]:
+        Path(self.database).parent.mkdir(parents=True, exist_ok=True)
+        with self.get_connection() as con:
+            yield Warehouse.for_writing(con)
+
+
+def warehouse_resource(paths: Paths | None = None) -> WarehouseResource:
+    paths = paths or paths_from_env()
+    return WarehouseResource(database=str(paths.database), landing_dir=str(paths.landing))

@@ -1,0 +1,129 @@
+"""Runs the asset graph from the command line through a real Dagster instance.
+
+`perf-pipeline run` launches the same jobs the UI would, recorded in the instance that
+`dagster dev` shows: one run per contiguous range of new or changed landing days (the
+partitioned assets take a range in one run), then one run of the analysis.
+"""
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import date, timedelta
+
+import dagster as dg
+import yaml
+
+from perf_pipeline.config import Paths
+from perf_pipeline.ingest.landing import landing_state
+from perf_pipeline.storage.warehouse import open_warehouse
+
+RANGE_START_TAG = "dagster/asset_partition_range_start"
+RANGE_END_TAG = "dagster/asset_partition_range_end"
+# Failures reach the user as one line from PipelineRunError; the run's own log keeps the rest.
+_QUIET_LOGS = {"loggers": {"console": {"config": {"log_level": "CRITICAL"}}}}
+
+
+@dataclass
+class RunReport:
+    days_loaded: list[date] = field(default_factory=list)
+    days_skipped: list[tuple[date, str]] = field(default_factory=list)
+    run_ids: list[str] = field(default_factory=list)
+
+
+class PipelineRunError(RuntimeError):
+    pass
+
+
+def instance_settings(paths: Paths) -> dict:
+    """dagster.yaml for an instance kept under PERF_PIPELINE_HOME (the project's settings)."""
+    storage = paths.dagster_home / "storage"
+    return {
+        "telemetry": {"enabled": False},
+        "storage": {"sqlite": {"base_dir": str(storage)}},
+        "local_artifact_storage": {"module": "dagster._core.storage.root",
+                                   "class": "LocalArtifactStorage",
+                                   "config": {"base_dir": str(paths.dagster_home)}},
+        "concurrency": {"pools": {"default_limit": 1}},
+    }
+
+
+def open_instance(paths: Paths) -> dg.DagsterInstance:
+    """The user's instance when DAGSTER_HOME is set, else one under PERF_PIPELINE_HOME/dagster."""
+    if os.environ.get("DAGSTER_HOME"):
+        return dg.DagsterInstance.get()
+    paths.dagster_home.mkdir(parents=True, exist_ok=True)
+    settings = paths.dagster_home / "dagster.yaml"
+    settings.write_text(yaml.safe_dump(instance_settings(paths), sort_keys=False))
+    return dg.DagsterInstance.from_config(str(paths.dagster_home))
+
+
+def changed_days(paths: Paths) -> list[date]:
+    """Landing days whose files differ from what raw_metrics last loaded."""
+    landed = landing_state(paths.landing)
+    if not paths.database.exists():
+        return sorted(landed)
+    with open_warehouse(paths.database, read_only=True) as wh:
+        if "ingested_files" not in wh.table_names():
+            return sorted(landed)
+        loaded = wh.ingested_checksums()
+    return sorted(day for day, files in landed.items() if loaded.get(day) != files)
+
+
+def contiguous_ranges(days: list[date]) -> list[tuple[date, date]]:
+    ranges: list[tuple[date, date]] = []
+    for day in sorted(days):
+        if ranges and day == ranges[-1][1] + timedelta(days=1):
+            ranges[-1] = (ranges[-1][0], day)
+        else:
+            ranges.append((day, day))
+    return ranges
+
+
+def _root_cause(error) -> str:
+    """The innermost error's message: the user's problem, not Dagster's wrapping of it."""
+    while error.cause is not None:
+        error = error.cause
+    return error.message.strip().splitlines()[-1]
+
+
+def _execute(job: dg.JobDefinition, instance: dg.DagsterInstance, *, run_config: dict,
+             tags: dict[str, str] | None = None) -> str:
+    result = job.execute_in_process(instance=instance, run_config=run_config, tags=tags,
+                                    raise_on_error=False)
+    if not result.success:
+        failures = [_root_cause(event.event_specific_data.error)
+                    for event in result.all_events
+                    if event.is_step_failure and event.event_specific_data.error]
+        raise PipelineRunError(f"run {result.run_id} of {job.name} failed: "
+                               + ("; ".join(failures) or "see the run in dagster dev"))
+    return result.run_id
+
+
+def run_pipeline(paths: Paths, *, defs: dg.Definitions, days: list[date] | None = None,
+                 trend_config: dict | None = None,
+                 progress: Callable[[str], None] = print) -> RunReport:
+    """Materialize new or changed landing days (or `days`) and everything downstream."""
+    paths.ensure()
+    report = RunReport()
+    partitions = defs.resolve_job_def("daily_ingest_job").partitions_def
+    with open_instance(paths) as instance:
+        valid = set(partitions.get_partition_keys(dynamic_partitions_store=instance))
+        for day in (changed_days(paths) if days is None else days):
+            if day.isoformat() in valid:
+                report.days_loaded.append(day)
+            else:
+                report.days_skipped.append(
+                    (day, "outside the daily partitions (see PERF_PIPELINE_START_DATE)"))
+        ingest_job = defs.resolve_job_def("daily_ingest_job")
+        for first, last in contiguous_ranges(report.days_loaded):
+            count = (last - first).days + 1
+            progress(f"loading {first} … {last} ({count} day{'s' * (count > 1)})")
+            report.run_ids.append(_execute(
+                ingest_job, instance, run_config=_QUIET_LOGS,
+                tags={RANGE_START_TAG: first.isoformat(), RANGE_END_TAG: last.isoformat()}))
+        progress("analysing the window: trend_stats")
+        run_config = {**_QUIET_LOGS, "ops": {"trend_stats": {"config": trend_config or {}}}}
+        report.run_ids.append(_execute(defs.resolve_job_def("analysis_job"), instance,
+                                       run_config=run_config))
+    return report
+

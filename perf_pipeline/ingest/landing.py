@@ -1,0 +1,128 @@
+"""The landing archive: `landing/<YYYY-MM-DD>/*`, the immutable source every day is built from.
+
+`ingest_files` splits input files by each record's own UTC day and writes them here as
+JSON Lines; `read_landing_day` stages a day's files for `raw_metrics`. Files are written to a
+temporary name, fsynced and renamed, so a reader never sees half a file; names carry the
+content's checksum, so ingesting the same data twice writes nothing new.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import date, datetime, timezone
+from pathlib import Path
+
+import pandas as pd
+
+from perf_pipeline.ingest.formats import is_supported, stage_bytes
+from perf_pipeline.storage.warehouse import STAGING_COLUMNS, LandingFile, Warehouse, connect
+
+_DAY_FOLDER = re.compile(r"^\d{4}-\d{2}-\d{2}$")
+
+
+@dataclass
+class IngestReport:
+    files_read: int = 0
+    records_read: int = 0
+    files_written: list[Path] = field(default_factory=list)
+    records_by_day: Counter = field(default_factory=Counter)
+    unreadable_records: int = 0  # kept in the archive with their reason; quarantined on load
+    undated_records: int = 0  # no usable timestamp: filed under the ingest day, quarantined on load
+
+
+def checksum(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write `data` to `path` so that the path holds either nothing or all of it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(temporary, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temporary, path)
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+
+
+def day_folder(landing: Path, day: date) -> Path:
+    return landing / day.isoformat()
+
+
+def day_files(landing: Path, day: date) -> list[Path]:
+    """The day's landing files in a stable order; temporary and unsupported files are not data."""
+    folder = day_folder(landing, day)
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir()
+                  if p.is_file() and not p.name.startswith(".") and is_supported(p))
+
+
+def landed_days(landing: Path) -> list[date]:
+    if not landing.is_dir():
+        return []
+    return sorted(date.fromisoformat(p.name) for p in landing.iterdir()
+                  if p.is_dir() and _DAY_FOLDER.match(p.name) and day_files(landing, date.fromisoformat(p.name)))
+
+
+def landing_state(landing: Path) -> dict[date, dict[str, str]]:
+    """{day: {path relative to landing: checksum}} of everything in the archive now."""
+    return {day: {_relative(landing, p): checksum(p.read_bytes()) for p in day_files(landing, day)}
+            for day in landed_days(landing)}
+
+
+def _relative(landing: Path, path: Path) -> str:
+    return path.relative_to(landing).as_posix()
+
+
+def read_landing_day(landing: Path, day: date) -> tuple[pd.DataFrame, list[LandingFile]]:
+    """Stage every record of one landing day, with the files they came from."""
+    frames, files = [], []
+    for path in day_files(landing, day):
+        data = path.read_bytes()
+        name = _relative(landing, path)
+        files.append(LandingFile(path=name, checksum=checksum(data), size_bytes=len(data)))
+        frames.append(stage_bytes(data, suffix=path.suffix, source_file=name))
+    staged = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=STAGING_COLUMNS)
+    return staged, files
+
+
+def ingest_files(paths: list[Path], landing: Path, *, today: date | None = None) -> IngestReport:
+    """Copy metric files into the landing archive, each record under its own UTC day.
+
+    Records whose timestamp cannot be read are filed under `today` (the ingest day), so they
+    reach quarantine with a reason when that day loads instead of disappearing here.
+    """
+    today = today or datetime.now(timezone.utc).date()
+    report = IngestReport()
+    with connect() as con:
+        warehouse = Warehouse(con)
+        for path in paths:
+            data = Path(path).read_bytes()
+            staged = stage_bytes(data, suffix=Path(path).suffix, source_file=str(path))
+            report.files_read += 1
+            report.records_read += len(staged)
+            report.unreadable_records += int(staged["pre_reason"].notna().sum())
+            if staged.empty:
+                continue
+            days = warehouse.landing_days_of(staged)
+            report.undated_records += sum(day is None for day in days)
+            staged["day"] = [day or today for day in days]
+            stem = re.sub(r"[^A-Za-z0-9._-]", "_", Path(path).stem)[:80] or "metrics"
+            for day, group in staged.groupby("day", sort=True):
+                content = ("\n".join(group["raw_line"]) + "\n").encode("utf-8")
+                target = day_folder(landing, day) / f"{stem}-{checksum(content)[:16]}.jsonl"
+                if not target.exists():
+                    write_atomic(target, content)
+                    report.files_written.append(target)
+                report.records_by_day[day] += len(group)
+    return report

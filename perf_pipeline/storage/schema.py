@@ -1,0 +1,187 @@
+"""DuckDB schema of perf_pipeline, created and upgraded by numbered migrations.
+
+`migrate(con)` applies every migration the database has not seen yet, each in its own
+transaction, and records it in `schema_version`; running it again is a no-op. A later change
+adds a migration to the end of MIGRATIONS, so existing databases upgrade in place.
+
+Keys and indexes: `performance_metrics` carries no primary key or ART index. Rows arrive
+in time order, one day per load, and every query filters on a time range, which DuckDB
+answers from its min/max zone maps; an ART index would cost on every bulk insert and
+nothing on these scans (measured in docs/architecture.md).
+"""
+
+from __future__ import annotations
+
+import duckdb
+
+MIGRATIONS: tuple[tuple[int, str, tuple[str, ...]], ...] = (
+    (1, "performance metrics, bookkeeping, normalized series and trend statistics", (
+        "CREATE SEQUENCE IF NOT EXISTS performance_metrics_id_seq",
+        """
+        CREATE TABLE performance_metrics (
+            id BIGINT NOT NULL DEFAULT nextval('performance_metrics_id_seq'),
+            timestamp TIMESTAMP NOT NULL,
+            metric_name VARCHAR NOT NULL,
+            metric_value DOUBLE NOT NULL,
+            test_name VARCHAR,
+            test_type VARCHAR,
+            node_id VARCHAR NOT NULL,
+            node_type VARCHAR,
+            test_run_id VARCHAR,
+            ci_job_id VARCHAR,
+            context_data JSON,
+            unit VARCHAR,
+            source_file VARCHAR NOT NULL,
+            source_line INTEGER NOT NULL
+        )
+        """,
+        """
+        CREATE TABLE quarantined_metrics (
+            partition_day DATE NOT NULL,
+            source_file VARCHAR NOT NULL,
+            source_line INTEGER NOT NULL,
+            raw_record VARCHAR,
+            reason VARCHAR NOT NULL,
+            quarantined_at TIMESTAMP NOT NULL
+        )
+        """,
+        """
+        CREATE TABLE ingested_files (
+            partition_day DATE NOT NULL,
+            path VARCHAR NOT NULL,
+            checksum VARCHAR NOT NULL,
+            size_bytes BIGINT NOT NULL,
+            rows_read BIGINT NOT NULL,
+            rows_loaded BIGINT NOT NULL,
+            rows_quarantined BIGINT NOT NULL,
+            status VARCHAR NOT NULL,
+            loaded_at TIMESTAMP NOT NULL,
+            PRIMARY KEY (partition_day, path)
+        )
+        """,
+        """
+        CREATE TABLE metric_catalog (
+            metric_name VARCHAR PRIMARY KEY,
+            category VARCHAR NOT NULL,
+            unit VARCHAR NOT NULL,
+            direction VARCHAR NOT NULL,
+            importance VARCHAR NOT NULL,
+            alert_threshold_percent DOUBLE NOT NULL,
+            scope VARCHAR NOT NULL,
+            min_value DOUBLE,
+            max_value DOUBLE,
+            description VARCHAR
+        )
+        """,
+        """
+        CREATE TABLE metric_aliases (
+            alias VARCHAR PRIMARY KEY,
+            metric_name VARCHAR NOT NULL,
+            alias_unit VARCHAR
+        )
+        """,
+        """
+        CREATE TABLE metric_units (
+            metric_name VARCHAR NOT NULL,
+            unit VARCHAR NOT NULL,
+            factor DOUBLE NOT NULL,
+            PRIMARY KEY (metric_name, unit)
+        )
+        """,
+        """
+        CREATE TABLE normalized_timeseries (
+            timestamp TIMESTAMP NOT NULL,
+            metric_name VARCHAR NOT NULL,
+            test_name VARCHAR,
+            test_type VARCHAR,
+            node_id VARCHAR NOT NULL,
+            node_type VARCHAR,
+            test_run_id VARCHAR,
+            ci_job_id VARCHAR,
+            commit_sha VARCHAR,
+            value DOUBLE NOT NULL,
+            sample_count INTEGER NOT NULL
+        )
+        """,
+        """
+        CREATE TABLE metric_rollups_hourly (
+            hour TIMESTAMP NOT NULL,
+            metric_name VARCHAR NOT NULL,
+            test_name VARCHAR,
+            test_type VARCHAR,
+            node_id VARCHAR NOT NULL,
+            node_type VARCHAR,
+            sample_count BIGINT NOT NULL,
+            mean DOUBLE NOT NULL,
+            min DOUBLE NOT NULL,
+            max DOUBLE NOT NULL,
+            p50 DOUBLE NOT NULL,
+            p95 DOUBLE NOT NULL
+        )
+        """,
+        """
+        CREATE TABLE trend_stats (
+            computed_at TIMESTAMP NOT NULL,
+            window_start TIMESTAMP NOT NULL,
+            window_end TIMESTAMP NOT NULL,
+            scope VARCHAR NOT NULL,
+            metric_name VARCHAR NOT NULL,
+            test_name VARCHAR,
+            node_id VARCHAR,
+            level_basis VARCHAR NOT NULL,
+            unit VARCHAR NOT NULL,
+            direction VARCHAR NOT NULL,
+            n_points BIGINT NOT NULL,
+            n_days INTEGER NOT NULL,
+            window_mean DOUBLE,
+            ols_slope_per_day DOUBLE,
+            ols_p_value DOUBLE,
+            theil_sen_slope_per_day DOUBLE,
+            theil_sen_low DOUBLE,
+            theil_sen_high DOUBLE,
+            mann_kendall_tau DOUBLE,
+            mann_kendall_p_value DOUBLE,
+            p_value_adjusted DOUBLE,
+            change_rate_percent DOUBLE,
+            change_over_window_percent DOUBLE,
+            seasonally_adjusted BOOLEAN NOT NULL,
+            moving_average_7d DOUBLE,
+            ewma DOUBLE,
+            trend_direction VARCHAR NOT NULL,
+            is_significant BOOLEAN NOT NULL
+        )
+        """,
+    )),
+)
+
+LATEST_VERSION = MIGRATIONS[-1][0]
+
+
+def current_version(con: duckdb.DuckDBPyConnection) -> int:
+    con.execute("CREATE TABLE IF NOT EXISTS schema_version "
+                "(version INTEGER PRIMARY KEY, description VARCHAR, applied_at TIMESTAMP)")
+    (version,), = con.execute("SELECT max(version) FROM schema_version").fetchall()
+    return int(version) if version is not None else 0
+
+
+def migrate(con: duckdb.DuckDBPyConnection) -> int:
+    """Apply the migrations this database lacks; returns the version it is now at."""
+    version = current_version(con)
+    if version > LATEST_VERSION:
+        raise RuntimeError(f"database schema version {version} is newer than this perf_pipeline "
+                           f"({LATEST_VERSION}); upgrade perf_pipeline")
+    for number, description, statements in MIGRATIONS:
+        if number <= version:
+            continue
+        con.execute("BEGIN TRANSACTION")
+        try:
+            for statement in statements:
+                con.execute(statement)
+            con.execute("INSERT INTO schema_version VALUES (?, ?, now()::TIMESTAMP)",
+                        [number, description])
+            con.execute("COMMIT")
+        except Exception:
+            con.execute("ROLLBACK")
+            raise
+        version = number
+    return version

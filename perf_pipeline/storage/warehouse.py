@@ -1,0 +1,457 @@
+"""The warehouse: every SQL statement perf_pipeline runs against DuckDB.
+
+Writers open the file through `open_warehouse(path)`, which applies migrations and refreshes
+the metric catalog tables; readers pass `read_only=True`. Each write of a partition is
+"delete that day, insert it again" inside one transaction, so re-running a day or a backfill
+never duplicates or loses rows. Values are always bound as parameters; the only SQL text
+built at run time comes from constants in this module.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import date, datetime, timedelta
+from pathlib import Path
+
+import duckdb
+import pandas as pd
+
+from perf_pipeline import catalog
+from perf_pipeline.storage.schema import migrate
+
+MAX_TEXT_FIELD = 1000
+
+# One DuckDB expression turns a record's timestamp into UTC: ISO 8601 text (an offset is
+# honoured, none means UTC) or epoch seconds (milliseconds above 1e11). Ingest uses the
+# same expression to choose a record's landing day, so the two can never disagree.
+TIMESTAMP_SQL = """
+    CASE
+        WHEN TRY_CAST({text} AS DOUBLE) IS NOT NULL THEN
+            CASE
+                WHEN TRY_CAST({text} AS DOUBLE) BETWEEN 0 AND 1e11
+                    THEN to_timestamp(TRY_CAST({text} AS DOUBLE))
+                WHEN TRY_CAST({text} AS DOUBLE) BETWEEN 1e11 AND 1e14
+                    THEN to_timestamp(TRY_CAST({text} AS DOUBLE) / 1000)
+            END
+        ELSE TRY_CAST({text} AS TIMESTAMPTZ)
+    END AT TIME ZONE 'UTC'
+"""
+
+# Ingest keeps a record it cannot place (undecodable bytes, a broken CSV row) in the
+# landing archive as {"_rejected": reason, "_raw": original}; loading quarantines it with
+# that reason.
+REJECTED_KEY = "_rejected"
+RAW_KEY = "_raw"
+
+# Staged records: one row per record read, in the form every input format is turned into.
+STAGING_COLUMNS = ["source_file", "source_line", "raw_line", "pre_reason"]
+
+_FIELDS = ("timestamp", "metric_name", "metric_value", "test_name", "test_type", "node_id",
+           "node_type", "test_run_id", "ci_job_id", "unit", "context_data")
+_TEXT_FIELDS = ("metric_name", "test_name", "test_type", "node_id", "node_type", "test_run_id",
+                "ci_job_id", "unit")
+_PATHS = "[" + ", ".join(f"'$.{name}'" for name in _FIELDS) + "]"
+
+
+def _field(name: str) -> str:
+    return f"f[{_FIELDS.index(name) + 1}]"
+
+
+def _type(name: str) -> str:
+    return f"t[{_FIELDS.index(name) + 1}]"
+
+
+_PARSE_SQL = f"""
+CREATE OR REPLACE TEMP TABLE parsed AS
+WITH typed AS (
+    SELECT *, CASE WHEN pre_reason IS NULL AND json_valid(raw_line)
+                   THEN json_type(raw_line) END AS record_type
+    FROM staging_input
+), extracted AS (
+    SELECT *,
+        CASE WHEN record_type = 'OBJECT' THEN json_extract_string(raw_line, {_PATHS}) END AS f,
+        CASE WHEN record_type = 'OBJECT' THEN json_type(raw_line, {_PATHS}) END AS t
+    FROM typed
+)
+SELECT * EXCLUDE (f, pre_reason),
+    coalesce(pre_reason, CASE WHEN record_type = 'OBJECT'
+        THEN json_extract_string(raw_line, '$.{REJECTED_KEY}') END) AS pre_reason,
+    {_field('metric_name')} AS metric_name_sent,
+    {_field('unit')} AS unit_sent,
+    {_field('timestamp')} AS timestamp_text,
+    TRY_CAST({_field('metric_value')} AS DOUBLE) AS value_sent,
+    {_field('metric_value')} AS value_text,
+    {TIMESTAMP_SQL.format(text=_field('timestamp'))} AS ts,
+    {", ".join(f"{_field(name)} AS {name}" for name in _TEXT_FIELDS[1:-1])},
+    CASE WHEN {_type('context_data')} = 'OBJECT'
+         THEN json_extract(raw_line, '$.context_data') END AS context_data,
+    {_type('context_data')} AS context_type,
+    greatest({", ".join(f"coalesce(length({_field(n)}), 0)" for n in _TEXT_FIELDS)})
+        AS longest_text
+FROM extracted
+"""
+
+_TEXT_TYPE_CHECKS = "\n".join(
+    f"WHEN {_type(name)} NOT IN ('VARCHAR', 'NULL') THEN '{name} must be a string'"
+    for name in _TEXT_FIELDS)
+
+_VALIDATE_SQL = f"""
+CREATE OR REPLACE TEMP TABLE validated AS
+SELECT p.*, a.metric_name AS canonical_metric, c.scope, u.factor,
+    CASE
+        WHEN p.pre_reason IS NOT NULL THEN p.pre_reason
+        WHEN p.record_type IS NULL THEN 'line is not valid JSON'
+        WHEN p.record_type <> 'OBJECT' THEN 'record is not a JSON object'
+        WHEN p.metric_name_sent IS NULL OR trim(p.metric_name_sent) = '' THEN 'missing metric_name'
+        {_TEXT_TYPE_CHECKS}
+        WHEN p.longest_text > {MAX_TEXT_FIELD}
+            THEN 'a text field is longer than {MAX_TEXT_FIELD} characters'
+        WHEN a.metric_name IS NULL THEN 'unknown metric: ' || left(p.metric_name_sent, 200)
+        WHEN p.value_text IS NULL THEN 'missing metric_value'
+        WHEN {_type('metric_value')} NOT IN ('BIGINT', 'UBIGINT', 'DOUBLE', 'VARCHAR')
+            OR p.value_sent IS NULL THEN 'metric_value is not a number'
+        WHEN NOT isfinite(p.value_sent) THEN 'metric_value is not finite'
+        WHEN p.timestamp_text IS NULL THEN 'missing timestamp'
+        WHEN {_type('timestamp')} NOT IN ('BIGINT', 'UBIGINT', 'DOUBLE', 'VARCHAR')
+            OR p.ts IS NULL OR NOT isfinite(p.ts) THEN 'invalid timestamp: ' || left(p.timestamp_text, 64)
+        WHEN p.ts < $day_start OR p.ts >= $day_end
+            THEN 'timestamp ' || strftime(p.ts, '%Y-%m-%dT%H:%M:%S') || ' is outside partition day '
+                 || strftime($day_start, '%Y-%m-%d')
+        WHEN p.node_id IS NULL OR trim(p.node_id) = '' THEN 'missing node_id'
+        WHEN c.scope = 'test' AND (p.test_name IS NULL OR trim(p.test_name) = '')
+            THEN 'missing test_name for per-test metric ' || c.metric_name
+        WHEN p.unit_sent IS NOT NULL AND a.alias_unit IS NOT NULL
+             AND lower(trim(p.unit_sent)) <> lower(a.alias_unit)
+            THEN 'unit ' || left(p.unit_sent, 50) || ' contradicts metric name ' || p.metric_name_sent
+        WHEN u.factor IS NULL THEN 'unit ' || left(coalesce(p.unit_sent, ''), 50)
+             || ' is not accepted for metric ' || c.metric_name
+        WHEN c.min_value IS NOT NULL AND p.value_sent * u.factor < c.min_value
+            THEN 'metric_value ' || p.value_sent || ' is below the minimum ' || c.min_value
+                 || ' for ' || c.metric_name
+        WHEN c.max_value IS NOT NULL AND p.value_sent * u.factor > c.max_value
+            THEN 'metric_value ' || p.value_sent || ' is above the maximum ' || c.max_value
+                 || ' for ' || c.metric_name
+        WHEN p.context_type IS NOT NULL AND p.context_type NOT IN ('OBJECT', 'NULL')
+            THEN 'context_data is not a JSON object'
+    END AS reason
+FROM parsed p
+LEFT JOIN metric_aliases a ON a.alias = lower(trim(p.metric_name_sent))
+LEFT JOIN metric_catalog c ON c.metric_name = a.metric_name
+LEFT JOIN metric_units u ON u.metric_name = a.metric_name
+    AND u.unit = lower(trim(coalesce(p.unit_sent, a.alias_unit, c.unit)))
+"""
+
+# Canonical name and factor of every stored raw row: the same lookup validation used.
+_CANONICAL_JOIN = """
+JOIN metric_aliases a ON a.alias = lower(trim(m.metric_name))
+JOIN metric_catalog c ON c.metric_name = a.metric_name
+JOIN metric_units u ON u.metric_name = a.metric_name
+    AND u.unit = lower(trim(coalesce(m.unit, a.alias_unit, c.unit)))
+"""
+
+_NORMALIZE_SQL = f"""
+INSERT INTO normalized_timeseries
+SELECT min(m.timestamp), c.metric_name, m.test_name, any_value(m.test_type),
+    m.node_id, any_value(m.node_type), m.test_run_id, any_value(m.ci_job_id),
+    any_value(json_extract_string(m.context_data, '$.commit')),
+    avg(m.metric_value * u.factor), count(*)
+FROM performance_metrics m {_CANONICAL_JOIN}
+WHERE m.timestamp >= ? AND m.timestamp < ?
+GROUP BY c.metric_name, m.test_name, m.node_id, m.test_run_id,
+    CASE WHEN m.test_run_id IS NULL THEN m.timestamp END
+ORDER BY 1
+"""
+
+# Tables whose content is written whole by an analysis asset or counted for reports.
+TABLES = ("performance_metrics", "quarantined_metrics", "ingested_files", "normalized_timeseries",
+          "metric_rollups_hourly", "trend_stats")
+_COUNT_SQL = {t: f"SELECT count(*) FROM {t}" for t in TABLES}
+_CLEAR_SQL = {t: f"DELETE FROM {t}" for t in TABLES}
+_INSERT_ALL_SQL = {t: f"INSERT INTO {t} SELECT * FROM replacement" for t in TABLES}
+
+
+class WarehouseLockedError(RuntimeError):
+    """Another process holds the DuckDB file open for writing."""
+
+
+@dataclass(frozen=True)
+class LandingFile:
+    path: str
+    checksum: str
+    size_bytes: int
+
+
+@dataclass(frozen=True)
+class LoadCounts:
+    rows_read: int
+    rows_loaded: int
+    rows_quarantined: int
+    files: int
+    top_reasons: list[tuple[str, int]]
+
+
+def connect(database: str = ":memory:", *, read_only: bool = False) -> duckdb.DuckDBPyConnection:
+    """A DuckDB connection whose session time zone is UTC (text without an offset is UTC)."""
+    con = duckdb.connect(database, read_only=read_only)
+    # Set after connecting: as a connect-time option DuckDB tries to autoload ICU and fails
+    # offline, while the statement uses the ICU that the Python package already bundles.
+    con.execute("SET TimeZone = 'UTC'")
+    return con
+
+
+@contextmanager
+def open_warehouse(path: str | Path, *, read_only: bool = False) -> Iterator[Warehouse]:
+    path = Path(path)
+    if read_only and not path.exists():
+        raise FileNotFoundError(f"no perf_pipeline database at {path}; run the pipeline first")
+    if not read_only:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        con = connect(str(path), read_only=read_only)
+    except duckdb.IOException as error:
+        if "lock" in str(error).lower():
+            raise WarehouseLockedError(
+                f"the database {path} is in use by another process; DuckDB allows one writer "
+                "at a time, so wait for it to finish and retry") from error
+        raise
+    try:
+        yield Warehouse(con) if read_only else Warehouse.for_writing(con)
+    finally:
+        con.close()
+
+
+class Warehouse:
+    def __init__(self, con: duckdb.DuckDBPyConnection):
+        self.con = con
+
+    @classmethod
+    def for_writing(cls, con: duckdb.DuckDBPyConnection) -> Warehouse:
+        """A warehouse on a writable connection: UTC session, schema migrated, catalog fresh."""
+        con.execute("SET TimeZone = 'UTC'")
+        migrate(con)
+        warehouse = cls(con)
+        warehouse.refresh_catalog()
+        return warehouse
+
+    @contextmanager
+    def transaction(self) -> Iterator[None]:
+        self.con.execute("BEGIN TRANSACTION")
+        try:
+            yield
+        except BaseException:
+            self.con.execute("ROLLBACK")
+            raise
+        self.con.execute("COMMIT")
+
+    def refresh_catalog(self) -> None:
+        """Mirror the code's metric catalog into DuckDB, where validation joins against it."""
+        metrics = [(m.name, m.category, m.unit, m.direction.value, m.importance,
+                    m.alert_threshold_percent, m.scope.value, m.min_value, m.max_value,
+                    m.description) for m in catalog.METRICS]
+        with self.transaction():
+            self.con.execute("DELETE FROM metric_catalog")
+            self.con.execute("DELETE FROM metric_aliases")
+            self.con.execute("DELETE FROM metric_units")
+            self.con.executemany("INSERT INTO metric_catalog VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                                 metrics)
+            self.con.executemany("INSERT INTO metric_aliases VALUES (?, ?, ?)",
+                                 catalog.alias_rows())
+            self.con.executemany("INSERT INTO metric_units VALUES (?, ?, ?)", catalog.unit_rows())
+
+    # ---------------------------------------------------------------- raw metrics
+
+    def landing_days_of(self, staged: pd.DataFrame) -> list[date | None]:
+        """Each staged record's UTC day by the rule validation applies (None if it has none).
+
+        Records are identified by (source_file, source_line), which every parser keeps
+        unique and ascending, so the result lines up with `staged`.
+        """
+        self.con.register("staging_input", staged[STAGING_COLUMNS])
+        try:
+            self.con.execute(_PARSE_SQL)
+            return [row[0] for row in self.con.execute(
+                "SELECT CASE WHEN isfinite(ts) THEN CAST(ts AS DATE) END FROM parsed "
+                "ORDER BY source_file, source_line").fetchall()]
+        finally:
+            self.con.unregister("staging_input")
+
+    def replace_raw_day(self, day: date, staged: pd.DataFrame,
+                        files: Sequence[LandingFile]) -> LoadCounts:
+        """Validate one day's staged records and replace that day's rows, quarantine and files."""
+        day_start = datetime(day.year, day.month, day.day)
+        day_end = day_start + timedelta(days=1)
+        self.con.register("staging_input", staged[STAGING_COLUMNS])
+        try:
+            self.con.execute(_PARSE_SQL)
+            self.con.execute(_VALIDATE_SQL, {"day_start": day_start, "day_end": day_end})
+        finally:
+            self.con.unregister("staging_input")
+        with self.transaction():
+            self.con.execute("DELETE FROM performance_metrics WHERE timestamp >= ? AND timestamp < ?",
+                             [day_start, day_end])
+            self.con.execute("DELETE FROM quarantined_metrics WHERE partition_day = ?", [day])
+            self.con.execute("DELETE FROM ingested_files WHERE partition_day = ?", [day])
+            self.con.execute("""
+                INSERT INTO performance_metrics (timestamp, metric_name, metric_value, test_name,
+                    test_type, node_id, node_type, test_run_id, ci_job_id, context_data, unit,
+                    source_file, source_line)
+                SELECT ts, metric_name_sent, value_sent, test_name, test_type, node_id, node_type,
+                    test_run_id, ci_job_id, context_data, unit_sent, source_file, source_line
+                FROM validated WHERE reason IS NULL
+                ORDER BY ts
+            """)
+            self.con.execute("""
+                INSERT INTO quarantined_metrics
+                SELECT ?, source_file, source_line, raw_line, reason, now()::TIMESTAMP
+                FROM validated WHERE reason IS NOT NULL
+            """, [day])
+            self.con.executemany("""
+                INSERT INTO ingested_files
+                SELECT ?, ?, ?, ?, count(*), count(*) FILTER (reason IS NULL),
+                    count(*) FILTER (reason IS NOT NULL),
+                    CASE WHEN count(*) FILTER (reason IS NOT NULL) = 0 THEN 'loaded'
+                         ELSE 'loaded_with_quarantine' END,
+                    now()::TIMESTAMP
+                FROM validated WHERE source_file = ?
+            """, [[day, f.path, f.checksum, f.size_bytes, f.path] for f in files])
+        read, loaded = self.con.execute(
+            "SELECT count(*), count(*) FILTER (reason IS NULL) FROM validated").fetchall()[0]
+        reasons = self.con.execute("""
+            SELECT regexp_replace(reason, ':.*$', '') AS kind, count(*) FROM validated
+            WHERE reason IS NOT NULL GROUP BY kind ORDER BY count(*) DESC, kind LIMIT 5
+        """).fetchall()
+        return LoadCounts(rows_read=int(read), rows_loaded=int(loaded),
+                          rows_quarantined=int(read - loaded), files=len(files),
+                          top_reasons=[(str(r), int(n)) for r, n in reasons])
+
+    def ingested_checksums(self) -> dict[date, dict[str, str]]:
+        """{day: {landing path: checksum}} of what raw_metrics last loaded."""
+        loaded: dict[date, dict[str, str]] = {}
+        for day, path, checksum in self.con.execute(
+                "SELECT partition_day, path, checksum FROM ingested_files").fetchall():
+            loaded.setdefault(day, {})[path] = checksum
+        return loaded
+
+    def day_counts(self, day: date) -> dict[str, int]:
+        day_start = datetime(day.year, day.month, day.day)
+        loaded = self.con.execute(
+            "SELECT count(*) FROM performance_metrics WHERE timestamp >= ? AND timestamp < ?",
+            [day_start, day_start + timedelta(days=1)]).fetchall()[0][0]
+        quarantined = self.con.execute(
+            "SELECT count(*) FROM quarantined_metrics WHERE partition_day = ?", [day]).fetchall()[0][0]
+        read = self.con.execute(
+            "SELECT coalesce(sum(rows_read), 0) FROM ingested_files WHERE partition_day = ?",
+            [day]).fetchall()[0][0]
+        return {"rows_read": int(read), "rows_loaded": int(loaded),
+                "rows_quarantined": int(quarantined)}
+
+    # ---------------------------------------------------------------- normalized series
+
+    def replace_normalized_day(self, day: date) -> dict[str, int]:
+        """Rebuild one day's canonical series (one value per metric, test, node, run) and rollups."""
+        day_start = datetime(day.year, day.month, day.day)
+        bounds = [day_start, day_start + timedelta(days=1)]
+        with self.transaction():
+            self.con.execute("DELETE FROM normalized_timeseries WHERE timestamp >= ? AND timestamp < ?",
+                             bounds)
+            self.con.execute("DELETE FROM metric_rollups_hourly WHERE hour >= ? AND hour < ?", bounds)
+            self.con.execute(_NORMALIZE_SQL, bounds)
+            self.con.execute("""
+                INSERT INTO metric_rollups_hourly
+                SELECT date_trunc('hour', timestamp) AS hour, metric_name, test_name,
+                    any_value(test_type), node_id, any_value(node_type), count(*), avg(value),
+                    min(value), max(value), quantile_cont(value, 0.5), quantile_cont(value, 0.95)
+                FROM normalized_timeseries WHERE timestamp >= ? AND timestamp < ?
+                GROUP BY hour, metric_name, test_name, node_id
+                ORDER BY hour
+            """, bounds)
+        points, rollups = self.con.execute("""
+            SELECT (SELECT count(*) FROM normalized_timeseries WHERE timestamp >= $1 AND timestamp < $2),
+                   (SELECT count(*) FROM metric_rollups_hourly WHERE hour >= $1 AND hour < $2)
+        """, bounds).fetchall()[0]
+        return {"points": int(points), "hourly_rollups": int(rollups)}
+
+    def duplicate_series_points(self, day: date) -> int:
+        """Keys (metric, test, node, run) stored more than once for the day: should be none."""
+        day_start = datetime(day.year, day.month, day.day)
+        return int(self.con.execute("""
+            SELECT count(*) FROM (
+                SELECT 1 FROM normalized_timeseries WHERE timestamp >= ? AND timestamp < ?
+                GROUP BY metric_name, test_name, node_id, test_run_id,
+                    CASE WHEN test_run_id IS NULL THEN timestamp END
+                HAVING count(*) > 1)
+        """, [day_start, day_start + timedelta(days=1)]).fetchall()[0][0])
+
+    def latest_timestamp(self) -> datetime | None:
+        return self.con.execute("SELECT max(timestamp) FROM normalized_timeseries").fetchall()[0][0]
+
+    # ---------------------------------------------------------------- trends
+
+    def daily_series(self, window_start: datetime, window_end: datetime) -> pd.DataFrame:
+        """Daily medians of every series in the window: overall, per test and per node.
+
+        Per-test metrics are compared across tests and nodes as ratios to the test's own
+        median in the window ("relative" level), so a change in the test mix of a node or of
+        the fleet does not look like a trend; everything else keeps its absolute level.
+        """
+        return self.con.execute("""
+            WITH w AS (
+                SELECT n.metric_name, n.test_name, n.node_id, n.value,
+                       CAST(n.timestamp AS DATE) AS day,
+                       c.scope = 'test' AND c.unit <> 'count' AS relative
+                FROM normalized_timeseries n JOIN metric_catalog c USING (metric_name)
+                WHERE n.timestamp > ? AND n.timestamp <= ?
+            ), base AS (
+                SELECT metric_name, test_name, median(value) AS base
+                FROM w WHERE relative GROUP BY metric_name, test_name
+            ), leveled AS (
+                SELECT w.*, CASE WHEN NOT w.relative THEN w.value
+                                 WHEN b.base > 0 THEN w.value / b.base END AS level
+                FROM w LEFT JOIN base b ON b.metric_name = w.metric_name
+                    AND b.test_name IS NOT DISTINCT FROM w.test_name
+            )
+            SELECT 'overall' AS scope, metric_name, NULL AS test_name, NULL AS node_id,
+                   any_value(relative) AS relative, day, median(level) AS value, count(*) AS n
+            FROM leveled WHERE level IS NOT NULL GROUP BY metric_name, day
+            UNION ALL
+            SELECT 'test', metric_name, test_name, NULL, false, day, median(value), count(*)
+            FROM leveled WHERE test_name IS NOT NULL GROUP BY metric_name, test_name, day
+            UNION ALL
+            SELECT 'node', metric_name, NULL, node_id, any_value(relative), day, median(level),
+                   count(*)
+            FROM leveled WHERE level IS NOT NULL GROUP BY metric_name, node_id, day
+            ORDER BY scope, metric_name, test_name, node_id, day
+        """, [window_start, window_end]).df()
+
+    def replace_table(self, table: str, frame: pd.DataFrame) -> int:
+        """Replace an analysis table's whole content with `frame` (columns in table order)."""
+        if table not in TABLES:
+            raise ValueError(f"not a perf_pipeline table: {table!r}")
+        columns = [row[0] for row in self.con.execute(
+            "SELECT column_name FROM information_schema.columns WHERE table_name = ? "
+            "ORDER BY ordinal_position", [table]).fetchall()]
+        self.con.register("replacement", frame[columns])
+        try:
+            with self.transaction():
+                self.con.execute(_CLEAR_SQL[table])
+                self.con.execute(_INSERT_ALL_SQL[table])
+        finally:
+            self.con.unregister("replacement")
+        return len(frame)
+
+    def top_trends(self, *, direction: str = "degrading", limit: int = 10) -> pd.DataFrame:
+        return self.con.execute("""
+            SELECT scope, metric_name, test_name, node_id, change_rate_percent,
+                   change_over_window_percent, p_value_adjusted, n_days
+            FROM trend_stats WHERE is_significant AND trend_direction = ?
+            ORDER BY abs(change_over_window_percent) DESC NULLS LAST LIMIT ?
+        """, [direction, limit]).df()
+
+    def table_names(self) -> set[str]:
+        return {row[0] for row in self.con.execute(
+            "SELECT table_name FROM information_schema.tables").fetchall()}
+
+    def table_counts(self, tables: Sequence[str] = TABLES) -> dict[str, int]:
+        return {t: int(self.con.execute(_COUNT_SQL[t]).fetchall()[0][0]) for t in tables}

@@ -39,9 +39,13 @@ def _decode_lines(data: bytes) -> Iterator[tuple[int, str | None, bytes]]:
             yield number, None, raw
 
 
-def rejected_record(reason: str, raw: str) -> str:
-    """A record the format layer could not read, kept whole with the reason."""
-    return json.dumps({REJECTED_KEY: reason, RAW_KEY: raw}, ensure_ascii=False)
+def rejected_record(reason: str, raw: str, timestamp: str | None = None) -> str:
+    """A record the format layer could not read, kept whole with the reason (and its
+    timestamp where known, so it is quarantined under its own day)."""
+    record = {REJECTED_KEY: reason, RAW_KEY: raw}
+    if timestamp is not None:
+        record["timestamp"] = timestamp
+    return json.dumps(record, ensure_ascii=False)
 
 
 def parse_jsonl(data: bytes) -> Iterator[StagedRecord]:
@@ -78,7 +82,8 @@ def parse_csv(data: bytes) -> Iterator[StagedRecord]:
             if extra:
                 reason = "CSV row has more fields than the header"
                 record["_extra_fields"] = extra
-                yield number, rejected_record(reason, json.dumps(record, ensure_ascii=False)), reason
+                raw = json.dumps(record, ensure_ascii=False)
+                yield number, rejected_record(reason, raw, record.get("timestamp")), reason
             else:
                 yield number, json.dumps(record, ensure_ascii=False), None
     except csv.Error as error:

@@ -66,7 +66,7 @@ def _type(name: str) -> str:
 _PARSE_SQL = f"""
 CREATE OR REPLACE TEMP TABLE parsed AS
 WITH typed AS (
-    SELECT *, CASE WHEN pre_reason IS NULL AND json_valid(raw_line)
+    SELECT *, CASE WHEN json_valid(raw_line)
                    THEN json_type(raw_line) END AS record_type
     FROM staging_input
 ), extracted AS (

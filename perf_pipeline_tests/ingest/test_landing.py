@@ -1,0 +1,169 @@
+"""Ingest into the landing archive and validation of a day into DuckDB, on real files."""
+
+import json
+from datetime import date
+
+import pytest
+
+from perf_pipeline.ingest.formats import UnsupportedFormatError, stage_bytes
+from perf_pipeline.ingest.landing import ingest_files, landed_days, read_landing_day, write_atomic
+from perf_pipeline.storage.warehouse import open_warehouse
+from perf_pipeline_tests.conftest import metric_row, write_jsonl
+
+DAY = date(2026, 11, 1)
+TODAY = date(2026, 11, 28)
+
+BAD_ROWS = {
+    "nan": metric_row("2026-11-01T10:00:00Z", value=float("nan")),
+    "inf": metric_row("2026-11-01T10:00:00Z", value=float("inf")),
+    "unknown": metric_row("2026-11-01T10:00:00Z", metric_name="flux_capacitance"),
+    "injection": metric_row("2026-11-01T10:00:00Z",
+                            metric_name="x'); DROP TABLE performance_metrics; --"),
+    "text value": metric_row("2026-11-01T10:00:00Z", value="fast"),
+    "list value": metric_row("2026-11-01T10:00:00Z", value=[1, 2]),
+    "bool value": metric_row("2026-11-01T10:00:00Z", value=True),
+    "object node": metric_row("2026-11-01T10:00:00Z", node_id={"id": 1}),
+    "no node": metric_row("2026-11-01T10:00:00Z", node_id=None),
+    "no test for test metric": metric_row("2026-11-01T10:00:00Z", test_name=None),
+    "negative duration": metric_row("2026-11-01T10:00:00Z", value=-1.0),
+    "cpu above 100": metric_row("2026-11-01T10:00:00Z", metric_name="cpu_usage", value=140,
+                                test_name=None),
+    "wrong unit": metric_row("2026-11-01T10:00:00Z", unit="parsecs"),
+    "context not object": metric_row("2026-11-01T10:00:00Z", context_data="commit=abc"),
+    "bad timestamp": metric_row("2026-13-45T99:00:00Z"),
+}
+EXPECTED_REASONS = {
+    "nan": "metric_value is not finite", "inf": "metric_value is not finite",
+    "unknown": "unknown metric: flux_capacitance",
+    "injection": "unknown metric: x'); DROP TABLE performance_metrics; --",
+    "text value": "metric_value is not a number", "list value": "metric_value is not a number",
+    "bool value": "metric_value is not a number", "object node": "node_id must be a string",
+    "no node": "missing node_id",
+    "no test for test metric": "missing test_name for per-test metric test_execution_time",
+    "negative duration": "below the minimum", "cpu above 100": "above the maximum",
+    "wrong unit": "unit parsecs is not accepted", "context not object": "context_data is not a JSON object",
+    "bad timestamp": "invalid timestamp",
+}
+GOOD_ROWS = [
+    metric_row("2026-11-01T00:00:00Z", value=1.5, run="run-1"),
+    metric_row("2026-11-01T12:00:00+02:00", metric_name="test_duration_ms", value=1500, run="run-2"),
+    metric_row("2026-11-01T23:59:59", metric_name="memory_usage", value=2_000_000_000,
+               unit="bytes", test_name=None, run=None),
+    metric_row(1793534400, metric_name="cpu_usage", value=55, test_name=None, run=None),  # epoch s
+]
+
+
+def _load_day(paths, day):
+    staged, files = read_landing_day(paths.landing, day)
+    with open_warehouse(paths.database) as wh:
+        counts = wh.replace_raw_day(day, staged, files)
+        stored = wh.day_counts(day)
+    return counts, stored
+
+
+def test_ingest_splits_records_by_their_own_utc_day(paths, tmp_path):
+    source = write_jsonl(tmp_path / "in.jsonl", [
+        metric_row("2026-10-31T23:30:00Z"), metric_row("2026-11-01T00:30:00+02:00"),
+        metric_row("2026-11-01T00:30:00Z"), metric_row("2026-11-02T10:00:00Z")])
+    report = ingest_files([source], paths.landing, today=TODAY)
+    # 00:30+02:00 is 22:30 UTC on Oct 31st
+    assert report.records_by_day == {date(2026, 10, 31): 2, DAY: 1, date(2026, 11, 2): 1}
+    assert landed_days(paths.landing) == [date(2026, 10, 31), DAY, date(2026, 11, 2)]
+    assert report.records_read == 4 and report.files_read == 1
+
+
+def test_ingesting_the_same_file_twice_writes_nothing_new(paths, tmp_path):
+    source = write_jsonl(tmp_path / "in.jsonl", GOOD_ROWS)
+    first = ingest_files([source], paths.landing, today=TODAY)
+    second = ingest_files([source], paths.landing, today=TODAY)
+    assert first.files_written and not second.files_written
+    assert sum(1 for _ in paths.landing.rglob("*.jsonl")) == len(first.files_written)
+
+
+def test_every_bad_row_is_quarantined_with_its_reason_and_counts_add_up(paths, tmp_path):
+    rows = [*GOOD_ROWS, *BAD_ROWS.values(), "{not json", "[1, 2, 3]"]
+    source = write_jsonl(tmp_path / "mixed.jsonl", rows)
+    ingest_files([source], paths.landing, today=TODAY)
+
+    counts, stored = _load_day(paths, DAY)
+    # A record without a readable timestamp (the bad one, the broken line, the array) is
+    # filed under the ingest day.
+    assert counts.rows_read == stored["rows_read"] == len(rows) - 3
+    assert stored["rows_loaded"] == len(GOOD_ROWS)
+    assert stored["rows_read"] == stored["rows_loaded"] + stored["rows_quarantined"]
+    with open_warehouse(paths.database) as wh:
+        reasons = wh.con.execute(
+            "SELECT raw_record, reason FROM quarantined_metrics ORDER BY source_line").fetchall()
+        assert wh.con.execute("SELECT count(*) FROM performance_metrics").fetchall()[0][0] == 4
+    by_raw = {raw: reason for raw, reason in reasons}
+    for name, row in BAD_ROWS.items():
+        if name == "bad timestamp":
+            continue
+        raw = json.dumps(row)
+        assert raw in by_raw, name
+        assert EXPECTED_REASONS[name] in by_raw[raw], (name, by_raw[raw])
+
+    today_counts, today_stored = _load_day(paths, TODAY)
+    assert today_counts.rows_read == today_counts.rows_quarantined == 3
+    with open_warehouse(paths.database) as wh:
+        by_raw = dict(wh.con.execute("SELECT raw_record, reason FROM quarantined_metrics "
+                                     "WHERE partition_day = ?", [TODAY]).fetchall())
+    assert by_raw[json.dumps(BAD_ROWS["bad timestamp"])].startswith("invalid timestamp: 2026-13-45")
+    assert by_raw["{not json"] == "line is not valid JSON"
+    assert by_raw["[1, 2, 3]"] == "record is not a JSON object"
+
+
+def test_missing_timestamp_and_undecodable_lines_reach_quarantine(paths, tmp_path):
+    row = metric_row("2026-11-01T10:00:00Z")
+    del row["timestamp"]
+    source = tmp_path / "raw.jsonl"
+    source.write_bytes(json.dumps(row).encode() + b"\n" + b'{"metric_name": "\xff\xfe"}\n')
+    report = ingest_files([source], paths.landing, today=TODAY)
+    assert report.undated_records == 2 and report.unreadable_records == 1
+    counts, _ = _load_day(paths, TODAY)
+    assert counts.rows_read == 2 and counts.rows_quarantined == 2
+    with open_warehouse(paths.database) as wh:
+        reasons = sorted(r[0] for r in wh.con.execute(
+            "SELECT reason FROM quarantined_metrics").fetchall())
+    assert reasons == ["line is not valid UTF-8", "missing timestamp"]
+
+
+def test_csv_rows_load_like_json_rows(paths, tmp_path):
+    source = tmp_path / "metrics.csv"
+    source.write_text(
+        "timestamp,metric_name,metric_value,test_name,node_id,unit,context_data\n"
+        '2026-11-01T08:00:00Z,test_execution_time,250,t1,node-01,ms,"{""commit"": ""abc""}"\n'
+        "2026-11-01T08:00:00Z,cpu_usage,nan,,node-01,,\n"
+        "2026-11-01T08:00:00Z,cpu_usage,20,,node-01,,,surplus\n")
+    ingest_files([source], paths.landing, today=TODAY)
+    counts, _ = _load_day(paths, DAY)
+    assert (counts.rows_read, counts.rows_loaded, counts.rows_quarantined) == (3, 1, 2)
+    with open_warehouse(paths.database) as wh:
+        (value, unit, commit), = wh.con.execute(
+            "SELECT metric_value, unit, context_data->>'commit' FROM performance_metrics").fetchall()
+        reasons = {r[0] for r in wh.con.execute("SELECT reason FROM quarantined_metrics").fetchall()}
+    assert (value, unit, commit) == (250.0, "ms", "abc")
+    assert reasons == {"metric_value is not finite", "CSV row has more fields than the header"}
+
+
+def test_reloading_a_day_replaces_it_without_duplicates(paths, tmp_path):
+    ingest_files([write_jsonl(tmp_path / "a.jsonl", GOOD_ROWS)], paths.landing, today=TODAY)
+    first, _ = _load_day(paths, DAY)
+    second, stored = _load_day(paths, DAY)
+    assert first == second and stored["rows_loaded"] == len(GOOD_ROWS)
+    ingest_files([write_jsonl(tmp_path / "late.jsonl", [metric_row("2026-11-01T15:00:00Z", run="run-9")])],
+                 paths.landing, today=TODAY)
+    _, stored = _load_day(paths, DAY)  # late data for the day: added, nothing lost
+    assert stored["rows_loaded"] == len(GOOD_ROWS) + 1
+
+
+def test_atomic_write_leaves_no_partial_or_temporary_file(tmp_path):
+    target = tmp_path / "day" / "file.jsonl"
+    write_atomic(target, b"x" * 10_000)
+    assert target.read_bytes() == b"x" * 10_000
+    assert [p.name for p in target.parent.iterdir()] == ["file.jsonl"]
+
+
+def test_unsupported_format_is_a_clear_error():
+    with pytest.raises(UnsupportedFormatError, match="unsupported format .parquet"):
+        stage_bytes(b"", suffix=".parquet", source_file="x.parquet")

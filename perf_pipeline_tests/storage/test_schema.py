@@ -1,0 +1,69 @@
+import subprocess
+import sys
+
+import pytest
+
+from perf_pipeline.storage.schema import LATEST_VERSION, current_version, migrate
+from perf_pipeline.storage.warehouse import WarehouseLockedError, open_warehouse
+
+ORIGINAL_COLUMNS = ["id", "timestamp", "metric_name", "metric_value", "test_name", "test_type",
+                    "node_id", "node_type", "test_run_id", "ci_job_id", "context_data"]
+
+
+def test_migrations_apply_once_and_keep_data(tmp_path):
+    database = tmp_path / "perf.duckdb"
+    with open_warehouse(database) as wh:
+        wh.con.execute("INSERT INTO ingested_files VALUES ('2026-11-01', 'a.jsonl', 'x', 1, 1, 1, 0,"
+                       " 'loaded', now()::TIMESTAMP)")
+    with open_warehouse(database) as wh:  # second open: nothing re-applied, nothing lost
+        assert current_version(wh.con) == LATEST_VERSION
+        assert wh.con.execute("SELECT count(*) FROM schema_version").fetchall()[0][0] == LATEST_VERSION
+        assert wh.table_counts(["ingested_files"]) == {"ingested_files": 1}
+        assert migrate(wh.con) == LATEST_VERSION
+
+
+def test_performance_metrics_keeps_the_original_columns(tmp_path):
+    with open_warehouse(tmp_path / "perf.duckdb") as wh:
+        columns = [r[0] for r in wh.con.execute(
+            "SELECT column_name FROM information_schema.columns WHERE table_name = "
+            "'performance_metrics' ORDER BY ordinal_position").fetchall()]
+    assert columns[: len(ORIGINAL_COLUMNS)] == ORIGINAL_COLUMNS
+
+
+def test_a_database_from_a_newer_version_is_refused(tmp_path):
+    database = tmp_path / "perf.duckdb"
+    with open_warehouse(database) as wh:
+        wh.con.execute("INSERT INTO schema_version VALUES (?, 'future', now()::TIMESTAMP)",
+                       [LATEST_VERSION + 1])
+    with pytest.raises(RuntimeError, match="newer than this perf_pipeline"):
+        with open_warehouse(database):
+            pass
+
+
+def test_catalog_tables_mirror_the_code(tmp_path):
+    from perf_pipeline import catalog
+
+    with open_warehouse(tmp_path / "perf.duckdb") as wh:
+        counts = wh.con.execute("SELECT (SELECT count(*) FROM metric_catalog), "
+                                "(SELECT count(*) FROM metric_aliases)").fetchall()[0]
+    assert counts == (len(catalog.METRICS), len(catalog.alias_rows()))
+
+
+def test_a_writer_in_another_process_gives_a_clear_error(tmp_path):
+    database = tmp_path / "perf.duckdb"
+    with open_warehouse(database):
+        pass
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import duckdb, sys, time; c = duckdb.connect(sys.argv[1]); "
+         "print('held', flush=True); time.sleep(60)", str(database)],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(WarehouseLockedError, match="in use by another process"):
+            with open_warehouse(database):
+                pass
+    finally:
+        holder.kill()
+        holder.wait()
+    with open_warehouse(database) as wh:  # free again once the other writer is gone
+        assert wh.table_counts(["performance_metrics"]) == {"performance_metrics": 0}

@@ -1,0 +1,46 @@
+"""The whole Definitions object loads, validates, and has what users rely on."""
+
+import dagster as dg
+
+from perf_pipeline.definitions import defs
+
+
+def test_definitions_validate():
+    dg.Definitions.validate_loadable(defs)
+
+
+def test_jobs_and_assets_exist_in_their_groups():
+    assert defs.resolve_job_def("daily_ingest_job")
+    assert defs.resolve_job_def("analysis_job")
+    graph = defs.resolve_asset_graph()
+    groups = {key.to_user_string(): graph.get(key).group_name for key in graph.get_all_asset_keys()}
+    assert groups == {"raw_metrics": "ingest", "normalized_timeseries": "normalize",
+                      "trend_stats": "analysis"}
+
+
+def test_writers_share_the_duckdb_pool_and_carry_descriptions():
+    for assets_def in defs.resolve_all_asset_specs():
+        assert assets_def.description, assets_def.key
+        assert "duckdb" in assets_def.kinds
+    for key in ("raw_metrics", "normalized_timeseries", "trend_stats"):
+        node = defs.resolve_assets_def(key).node_def
+        assert node.pool == "duckdb", key
+
+
+def test_checks_guard_the_ingest_stages():
+    checks = {(c.asset_key.to_user_string(), c.name) for c in defs.resolve_asset_graph().asset_check_keys}
+    assert {("raw_metrics", "rows_accounted_for"), ("raw_metrics", "quarantine_share"),
+            ("normalized_timeseries", "one_value_per_run")} <= checks
+
+
+def test_workspace_and_pyproject_point_at_the_same_module():
+    import tomllib
+    from pathlib import Path
+
+    import yaml
+
+    root = Path(__file__).resolve().parents[1]
+    workspace = yaml.safe_load((root / "workspace.yaml").read_text())
+    module = workspace["load_from"][0]["python_module"]["module_name"]
+    pyproject = tomllib.loads((root / "pyproject.toml").read_text())
+    assert module == pyproject["tool"]["dagster"]["module_name"] == "perf_pipeline.definitions"

@@ -77,13 +77,12 @@ def cmd_ingest(args: argparse.Namespace) -> int:
 
 
 def _run(window_days: int | None, days: list[date] | None = None) -> None:
-    from perf_pipeline.definitions import defs
     from perf_pipeline.defs.runner import run_pipeline
 
     paths = paths_from_env()
     started = time.perf_counter()
     trend_config = {"window_days": window_days} if window_days else None
-    report = run_pipeline(paths, defs=defs, days=days, trend_config=trend_config)
+    report = run_pipeline(paths, days=days, trend_config=trend_config)
     for day, reason in report.days_skipped:
         print(f"  skipped {day}: {reason}")
     print(f"pipeline done in {time.perf_counter() - started:.1f}s: {len(report.days_loaded)} "

@@ -219,7 +219,7 @@ def compute_trend_stats(daily: pd.DataFrame, *, window_start: datetime, window_e
         days = pd.to_datetime(series["day"])
         origin = days.min()
         result = analyze_trend((days - origin).dt.days.to_numpy(), series["value"].to_numpy(),
-                               weekday=days.dt.weekday.to_numpy(), min_days=min_days)
+                               weekday=days.dt.day_of_week.to_numpy(), min_days=min_days)
         metric = get_metric(metric_name)
         relative = bool(series["relative"].iloc[0])
         rows.append({

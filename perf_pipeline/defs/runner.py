@@ -99,11 +99,14 @@ def _execute(job: dg.JobDefinition, instance: dg.DagsterInstance, *, run_config:
     return result.run_id
 
 
-def run_pipeline(paths: Paths, *, defs: dg.Definitions, days: list[date] | None = None,
+def run_pipeline(paths: Paths, *, days: list[date] | None = None,
                  trend_config: dict | None = None,
                  progress: Callable[[str], None] = print) -> RunReport:
     """Materialize new or changed landing days (or `days`) and everything downstream."""
+    from perf_pipeline.definitions import build_defs
+
     paths.ensure()
+    defs = build_defs(paths)
     report = RunReport()
     partitions = defs.resolve_job_def("daily_ingest_job").partitions_def
     with open_instance(paths) as instance:

@@ -307,7 +307,8 @@ class Warehouse:
                 SELECT ?, source_file, source_line, raw_line, reason, now()::TIMESTAMP
                 FROM validated WHERE reason IS NOT NULL
             """, [day])
-            self.con.executemany("""
+            if files:
+                self.con.executemany("""
                 INSERT INTO ingested_files
                 SELECT ?, ?, ?, ?, count(*), count(*) FILTER (reason IS NULL),
                     count(*) FILTER (reason IS NOT NULL),
@@ -315,7 +316,7 @@ class Warehouse:
                          ELSE 'loaded_with_quarantine' END,
                     now()::TIMESTAMP
                 FROM validated WHERE source_file = ?
-            """, [[day, f.path, f.checksum, f.size_bytes, f.path] for f in files])
+                """, [[day, f.path, f.checksum, f.size_bytes, f.path] for f in files])
         read, loaded = self.con.execute(
             "SELECT count(*), count(*) FILTER (reason IS NULL) FROM validated").fetchall()[0]
         reasons = self.con.execute("""

@@ -1,0 +1,58 @@
+"""The command lines a user types, run as subprocesses against a fresh PERF_PIPELINE_HOME."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import duckdb
+import pytest
+
+from perf_pipeline_tests.conftest import metric_row, write_jsonl
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def _run(args: list[str], home: Path, **env) -> subprocess.CompletedProcess:
+    environment = {**os.environ, "PERF_PIPELINE_HOME": str(home), **env}
+    environment.pop("DAGSTER_HOME", None)
+    return subprocess.run(args, cwd=ROOT, env=environment, capture_output=True, text=True,
+                          timeout=600)
+
+
+def _counts(database: Path) -> tuple:
+    with duckdb.connect(str(database), read_only=True) as con:
+        return con.execute("SELECT (SELECT count(*) FROM performance_metrics), "
+                           "(SELECT count(*) FROM quarantined_metrics)").fetchall()[0]
+
+
+@pytest.mark.slow
+def test_dagster_asset_materialize_cli_twice_leaves_identical_counts(tmp_path):
+    home = tmp_path / "home"
+    rows = [metric_row(f"2026-11-01T{h:02d}:00:00Z", value=1 + h / 10, run=f"run-{h}")
+            for h in range(24)] + [metric_row("2026-11-01T05:00:00Z", value=float("nan"))]
+    ingest = _run([str(BIN / "perf-pipeline"), "ingest",
+                   str(write_jsonl(tmp_path / "in.jsonl", rows))], home)
+    assert ingest.returncode == 0, ingest.stderr
+    command = [str(BIN / "dagster"), "asset", "materialize", "-m", "perf_pipeline.definitions",
+               "--select", "raw_metrics", "--partition", "2026-11-01"]
+    dagster_home = tmp_path / "dagster_home"
+    dagster_home.mkdir()
+    first = _run(command, home, DAGSTER_HOME=str(dagster_home))
+    assert first.returncode == 0, first.stderr[-3000:]
+    after_first = _counts(home / "perf.duckdb")
+    second = _run(command, home, DAGSTER_HOME=str(dagster_home))
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert _counts(home / "perf.duckdb") == after_first == (24, 1)
+
+
+def test_errors_are_one_clear_line(tmp_path):
+    missing = _run([str(BIN / "perf-pipeline"), "ingest", str(tmp_path / "nope.jsonl")], tmp_path)
+    assert missing.returncode == 2
+    assert missing.stderr.strip().splitlines() == [
+        f"perf-pipeline: error: {tmp_path / 'nope.jsonl'}: no such file or folder"]
+    (tmp_path / "x.parquet").write_bytes(b"PAR1")
+    unsupported = _run([str(BIN / "perf-pipeline"), "ingest", str(tmp_path / "x.parquet")], tmp_path)
+    assert unsupported.returncode == 2 and "Traceback" not in unsupported.stderr
+    assert "unsupported format .parquet" in unsupported.stderr

@@ -1,0 +1,67 @@
+"""End to end on simulated fleets: what the simulator injected is found, noise is not."""
+
+import json
+from datetime import datetime, timezone
+
+import pytest
+
+from perf_pipeline.config import paths_from_env
+from perf_pipeline.defs.runner import run_pipeline
+from perf_pipeline.ingest.landing import ingest_files
+from perf_pipeline.ingest.simulator import simulate_fleet
+from perf_pipeline.storage.warehouse import open_warehouse
+
+END = datetime(2026, 11, 20, tzinfo=timezone.utc)
+
+
+def _pipeline_on_simulated_fleet(tmp_path, monkeypatch, seed: int):
+    monkeypatch.setenv("PERF_PIPELINE_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("DAGSTER_HOME", raising=False)
+    paths = paths_from_env().ensure()
+    summary = simulate_fleet(tmp_path / "sim", days=30, nodes=8, tests=12, seed=seed, end=END,
+                             runs_per_day=12)
+    truth = json.loads(summary.truth_path.read_text())
+    files = sorted((tmp_path / "sim").rglob("*.jsonl"))
+    report = ingest_files(files, paths.landing, today=END.date())
+    run_pipeline(paths, progress=lambda _: None)
+    with open_warehouse(paths.database, read_only=True) as wh:
+        trends = wh.con.execute("SELECT * FROM trend_stats").df()
+        loaded = wh.table_counts(["performance_metrics", "quarantined_metrics"])
+    return truth, trends, report, loaded
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_injected_trends_are_found_and_pure_noise_is_quiet(tmp_path, monkeypatch, seed):
+    truth, trends, report, loaded = _pipeline_on_simulated_fleet(tmp_path, monkeypatch, seed)
+    assert loaded["performance_metrics"] + loaded["quarantined_metrics"] == report.records_read
+    assert loaded["quarantined_metrics"] == 0
+
+    trend_injections = [i for i in truth["injections"] if i["kind"] == "trend"]
+    assert trend_injections
+    for injection in trend_injections:
+        for metric in injection["metrics"]:
+            row = trends[(trends.scope == "node") & (trends.metric_name == metric)
+                         & (trends.node_id == injection["node_id"])]
+            assert len(row) == 1, (metric, injection["node_id"])
+            row = row.iloc[0]
+            expected = "degrading" if injection["direction"] == "regression" else "improving"
+            assert row.is_significant and row.trend_direction == expected, (
+                metric, injection["node_id"], row.change_over_window_percent, row.p_value_adjusted)
+
+    affected = {(s["metric_name"], s.get("test_name"), s.get("node_id"))
+                for s in truth["affected_series"]}
+    touched_metrics = {m for m, _, _ in affected}
+
+    def is_pure_noise(row) -> bool:
+        if row.scope == "overall":
+            return row.metric_name not in touched_metrics
+        test = row.test_name if isinstance(row.test_name, str) else None
+        node = row.node_id if isinstance(row.node_id, str) else None
+        return (row.metric_name, test, node) not in affected
+
+    noise = trends[trends.apply(is_pure_noise, axis=1)]
+    assert len(noise) > 100
+    flagged = noise[noise.is_significant]
+    assert flagged.empty, flagged[["scope", "metric_name", "test_name", "node_id",
+                                   "change_over_window_percent", "p_value_adjusted"]].to_string()

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from perf_pipeline.config import paths_from_env
 from perf_pipeline.ingest.formats import is_supported
-from perf_pipeline.report.markdown import markdown_table
+from perf_pipeline.report.markdown import incident_table, markdown_table
 
 
 class UsageError(ValueError):
@@ -107,6 +107,7 @@ def _summary() -> None:
     with open_warehouse(paths.database, read_only=True) as wh:
         counts = wh.table_counts()
         degrading = wh.top_trends(direction="degrading", limit=10)
+        incidents = wh.top_incidents(limit=10)
     print()
     print(f"rows stored: {counts['performance_metrics']:,}   quarantined: "
           f"{counts['quarantined_metrics']:,}   normalized points: "
@@ -120,6 +121,12 @@ def _summary() -> None:
                        "change_over_window_percent", "p_value_adjusted"]].itertuples(index=False)))
     else:
         print("No significant degrading trend.")
+    print()
+    if len(incidents):
+        print("What changed for the worse, and where it started (change-point incidents):")
+        print(incident_table(incidents))
+    else:
+        print("No regression incident.")
     print()
     print(f"database: {paths.database}")
     print("explore:  dagster dev   (then open http://127.0.0.1:3000, asset groups ingest → analysis)")

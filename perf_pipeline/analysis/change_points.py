@@ -70,6 +70,8 @@ class DetectorSettings:
 
 DEFAULT_SETTINGS = DetectorSettings()
 _MAD_TO_SIGMA = 1.4826
+# A cycle must cut the spread of lag-p differences to this share of the lag-p/2 ones.
+_PERIOD_RATIO = 0.7
 
 
 def robust_sigma(values: np.ndarray) -> float:
@@ -88,27 +90,36 @@ def _rolling_median(values: np.ndarray, window: int) -> np.ndarray:
     return np.median(windows, axis=1)
 
 
+def _spread(values: np.ndarray) -> float:
+    """Mean absolute deviation from the median: robust to outliers, but unlike the median
+    absolute deviation it does not jump between the modes of a bimodal series."""
+    return float(np.mean(np.abs(values - np.median(values))))
+
+
 def find_period(values: np.ndarray, *, max_period: int | None = None) -> int | None:
-    """The cycle length of a clear periodic pattern (at least three cycles), or None."""
+    """The cycle length of a clear periodic pattern (at least three cycles), or None.
+
+    For a cycle of length p, differences at lag p cancel it while differences at lag p/2
+    double it; on noise, steps or AR(1) load both spread alike. The period is the shortest
+    lag whose spread ratio is well below one (and near the best): robust to a step in the
+    middle, which defeats the plain autocorrelation of a short series.
+    """
     n = len(values)
     max_period = min(max_period or n // 3, n // 3)
-    if max_period < 4:
+    ratios = {}
+    for lag in range(4, max_period + 1, 2):
+        half = _spread(values[lag // 2:] - values[: -(lag // 2)])
+        if half > 0:
+            ratios[lag] = _spread(values[lag:] - values[:-lag]) / half
+    if not ratios or min(ratios.values()) > _PERIOD_RATIO:
         return None
-    residual = values - _rolling_median(values, max(7, 2 * max_period + 1))
-    residual = residual - residual.mean()
-    denominator = float(np.dot(residual, residual))
-    if denominator == 0:
-        return None
-    acf = np.array([np.dot(residual[:-lag], residual[lag:]) / denominator
-                    for lag in range(1, max_period + 2)])
-    best, best_strength = None, 0.3
-    for lag in range(4, max_period + 1):
-        value = acf[lag - 1]
-        is_peak = value > acf[lag - 2] and value >= acf[lag]
-        strength = value - acf[: lag - 1].min()
-        if is_peak and value > 0.3 and strength > best_strength:
-            best, best_strength = lag, strength
-    return best
+    # The shortest lag that cancels the cycle about as well as the best (multiples of the
+    # period do too); then, around it and odd lags included, the one whose phase profile
+    # leaves the least behind. A multiple of the period is harmless: it holds whole cycles.
+    best = min(ratios.values())
+    shortest = min(lag for lag, ratio in ratios.items() if ratio <= best * 1.1)
+    around = range(max(4, shortest - 2), min(max_period, shortest + 2) + 1)
+    return min(around, key=lambda lag: _spread(np.diff(remove_cycle(values, lag))))
 
 
 def remove_cycle(values: np.ndarray, period: int) -> np.ndarray:
@@ -145,18 +156,42 @@ def _segment_residuals(x: np.ndarray, bounds: list[int]) -> np.ndarray:
     return np.concatenate([x[a:b] - np.median(x[a:b]) for a, b in zip(starts, ends)])
 
 
+def _refine(x: np.ndarray, bounds: list[int], min_size: int) -> list[int]:
+    """Each boundary moved, within min_size, to where the two neighbouring segments' absolute
+    deviations from their medians are least: PELT's squared cost lets one heavy-tailed value
+    near the step pull the boundary off the first changed run."""
+    refined = list(bounds)
+    for i, k in enumerate(refined):
+        low = (refined[i - 1] if i else 0) + min_size
+        high = (refined[i + 1] if i + 1 < len(refined) else len(x)) - min_size
+        start, end = (refined[i - 1] if i else 0), (refined[i + 1] if i + 1 < len(refined) else len(x))
+
+        def cost(split: int) -> float:
+            left, right = x[start:split], x[split:end]
+            return float(np.abs(left - np.median(left)).sum() + np.abs(right - np.median(right)).sum())
+
+        candidates = range(max(low, k - min_size), min(high, k + min_size) + 1)
+        if candidates:
+            refined[i] = min(candidates, key=lambda split: (cost(split), abs(split - k)))
+    return refined
+
+
 def _confirm(x: np.ndarray, bounds: list[int], sigma: float, settings: DetectorSettings
              ) -> list[tuple[int, float, float]]:
     """Drop the weakest unconfirmed boundary until every one stands; (index, p, effect)."""
     bounds = list(bounds)
     while bounds:
-        rho = lag1_autocorrelation(_segment_residuals(x, bounds))
+        residuals = _segment_residuals(x, bounds)
+        rho = lag1_autocorrelation(residuals)
         inflation = np.sqrt((1 + rho) / (1 - rho))
+        # Effects in units of the residuals' own spread: the difference-based sigma
+        # understates the noise of autocorrelated series and would overstate their shifts.
+        spread = max(sigma, _MAD_TO_SIGMA * float(np.median(np.abs(residuals))))
         edges = [0, *bounds, len(x)]
         results = []
         for i, k in enumerate(bounds):
             left, right = x[edges[i]:k], x[k:edges[i + 2]]
-            effect = abs(np.median(right) - np.median(left)) / sigma if sigma > 0 else np.inf
+            effect = abs(np.median(right) - np.median(left)) / spread
             u = stats.mannwhitneyu(left, right, alternative="two-sided", method="asymptotic")
             z = stats.norm.isf(max(u.pvalue, 1e-300) / 2) / inflation
             results.append((k, float(2 * stats.norm.sf(z)), float(effect)))
@@ -218,7 +253,7 @@ def detect_change_points(values: Sequence[float], *, timestamps: Sequence | None
     penalty = settings.penalty_factor * sigma**2 * np.log(len(x))
     bounds = [int(b) for b in rpt.KernelCPD(kernel="linear", min_size=settings.min_size)
               .fit(x.reshape(-1, 1)).predict(pen=penalty)[:-1]]
-    confirmed = _confirm(x, bounds, sigma, settings)
+    confirmed = _confirm(x, _refine(x, bounds, settings.min_size), sigma, settings)
     if not confirmed:
         return []
 

@@ -1,24 +1,51 @@
-"""trend_stats: trends of every series over the rolling window."""
-
+"""Analysis over the rolling window: trend_stats and change_points."""
 
 from datetime import datetime, timedelta, timezone
 
 import dagster as dg
 
+from perf_pipeline.analysis.change_points import DEFAULT_SETTINGS, DetectorSettings
+from perf_pipeline.analysis.regressions import build_series, group_incidents, series_change_points
 from perf_pipeline.analysis.trends import compute_trend_stats
 from perf_pipeline.config import TrendSettings
 from perf_pipeline.defs.resources import WarehouseResource
-from perf_pipeline.report.markdown import markdown_table
+from perf_pipeline.report.markdown import incident_table, markdown_table
+from perf_pipeline.storage.warehouse import Warehouse
 
-_DEFAULTS = TrendSettings()
+_TRENDS = TrendSettings()
 
 
-class TrendConfig(dg.Config):
-    window_days: int = _DEFAULTS.window_days
-    alpha: float = _DEFAULTS.alpha
-    min_change_percent: float = _DEFAULTS.min_change_percent
-    min_days: int = _DEFAULTS.min_days
+class WindowConfig(dg.Config):
+    window_days: int = _TRENDS.window_days
     as_of: str | None = None  # ISO timestamp closing the window; default: the newest data
+
+
+class TrendConfig(WindowConfig):
+    alpha: float = _TRENDS.alpha
+    min_change_percent: float = _TRENDS.min_change_percent
+    min_days: int = _TRENDS.min_days
+
+
+class ChangePointConfig(WindowConfig):
+    penalty_factor: float = DEFAULT_SETTINGS.penalty_factor
+    alpha: float = DEFAULT_SETTINGS.alpha
+    min_effect: float = DEFAULT_SETTINGS.min_effect
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc).replace(tzinfo=None)
+
+
+def _window(context: dg.AssetExecutionContext, config: WindowConfig,
+            wh: Warehouse) -> tuple[datetime, datetime]:
+    if config.window_days < 2:
+        raise dg.Failure(f"{context.asset_key.to_user_string()} config: window_days must be >= 2")
+    window_end = datetime.fromisoformat(config.as_of) if config.as_of else wh.latest_timestamp()
+    if window_end is None:
+        context.log.warning("no normalized data yet: the result is empty")
+        window_end = _now()
+    window_end = window_end.replace(tzinfo=None)
+    return window_end - timedelta(days=config.window_days), window_end
 
 
 @dg.asset(
@@ -31,20 +58,14 @@ class TrendConfig(dg.Config):
 )
 def trend_stats(context: dg.AssetExecutionContext, config: TrendConfig,
                 warehouse: WarehouseResource) -> dg.MaterializeResult:
-    if config.window_days < 2 or not 0 < config.alpha < 1:
-        raise dg.Failure("trend_stats config: window_days must be >= 2 and alpha in (0, 1)")
+    if not 0 < config.alpha < 1:
+        raise dg.Failure("trend_stats config: alpha must be in (0, 1)")
     with warehouse.open() as wh:
-        window_end = datetime.fromisoformat(config.as_of) if config.as_of else wh.latest_timestamp()
-        if window_end is None:
-            context.log.warning("no normalized data yet: trend_stats is empty")
-            window_end = datetime.now(timezone.utc)
-        window_end = window_end.replace(tzinfo=None)
-        window_start = window_end - timedelta(days=config.window_days)
+        window_start, window_end = _window(context, config, wh)
         table = compute_trend_stats(
             wh.daily_series(window_start, window_end), window_start=window_start,
-            window_end=window_end, computed_at=datetime.now(timezone.utc).replace(tzinfo=None),
-            alpha=config.alpha, min_change_percent=config.min_change_percent,
-            min_days=config.min_days)
+            window_end=window_end, computed_at=_now(), alpha=config.alpha,
+            min_change_percent=config.min_change_percent, min_days=config.min_days)
         wh.replace_table("trend_stats", table)
         degrading = wh.top_trends(direction="degrading", limit=15)
     counts = table["trend_direction"].value_counts()
@@ -59,3 +80,36 @@ def trend_stats(context: dg.AssetExecutionContext, config: TrendConfig,
                        "change_over_window_percent", "p_value_adjusted"]].itertuples(index=False))
             if len(degrading) else "no significant degrading trend"),
     })
+
+
+@dg.asset(
+    deps=["normalized_timeseries"],
+    pool="duckdb",
+    group_name="analysis",
+    kinds={"duckdb"},
+    description="Confirmed level shifts and ramps of every series in the window, with the first "
+                "run, job and commit after each, grouped into incidents (change_incidents).",
+)
+def change_points(context: dg.AssetExecutionContext, config: ChangePointConfig,
+                  warehouse: WarehouseResource) -> dg.MaterializeResult:
+    settings = DetectorSettings(penalty_factor=config.penalty_factor, alpha=config.alpha,
+                                min_effect=config.min_effect)
+    computed_at = _now()
+    with warehouse.open() as wh:
+        window_start, window_end = _window(context, config, wh)
+        series = build_series(wh.window_points(window_start, window_end))
+        changes, incidents = group_incidents(series_change_points(series, settings=settings), series)
+        wh.replace_table("change_points", changes.assign(computed_at=computed_at))
+        wh.replace_table("change_incidents", incidents.assign(computed_at=computed_at))
+        top = wh.top_incidents(limit=15)
+    regressions = changes[changes["kind"] == "regression"]
+    return dg.MaterializeResult(metadata={
+        "series": dg.MetadataValue.int(int(series.groupby(
+            ["scope", "metric_name", "test_name", "node_id"], dropna=False).ngroups)),
+        "change_points": dg.MetadataValue.int(len(changes)),
+        "regressions": dg.MetadataValue.int(len(regressions)),
+        "incidents": dg.MetadataValue.int(len(incidents)),
+        "top_incidents": dg.MetadataValue.md(incident_table(top) if len(top) else "no change point"),
+    })
+
+

@@ -27,7 +27,12 @@ class WarehouseResource(DuckDBResource):
     def open(self) -> Iterator[Warehouse]:
         Path(self.database).parent.mkdir(parents=True, exist_ok=True)
         with self.get_connection() as con:
-            yield Warehouse.for_writing(con)
+            # dagster-duckdb closes the connection only when the body succeeds; close it
+            # here too, or a failed asset leaves the file open for the rest of the process.
+            try:
+                yield Warehouse.for_writing(con)
+            finally:
+                con.close()
 
 
 def warehouse_resource(paths: Paths | None = None) -> WarehouseResource:

@@ -152,6 +152,47 @@ MIGRATIONS: tuple[tuple[int, str, tuple[str, ...]], ...] = (
         )
         """,
     )),
+    (2, "change points and the incidents they form", (
+        """
+        CREATE TABLE change_points (
+            computed_at TIMESTAMP NOT NULL,
+            scope VARCHAR NOT NULL,
+            metric_name VARCHAR NOT NULL,
+            test_name VARCHAR,
+            node_id VARCHAR,
+            timestamp TIMESTAMP NOT NULL,
+            first_test_run_id VARCHAR,
+            first_ci_job_id VARCHAR,
+            first_commit VARCHAR,
+            before DOUBLE NOT NULL,
+            after DOUBLE NOT NULL,
+            magnitude_percent DOUBLE,
+            p_value DOUBLE NOT NULL,
+            effect_size DOUBLE NOT NULL,
+            kind VARCHAR NOT NULL,
+            shape VARCHAR NOT NULL,
+            end_timestamp TIMESTAMP,
+            n_points BIGINT NOT NULL,
+            incident_id VARCHAR
+        )
+        """,
+        """
+        CREATE TABLE change_incidents (
+            computed_at TIMESTAMP NOT NULL,
+            incident_id VARCHAR NOT NULL,
+            attribution VARCHAR NOT NULL,
+            kind VARCHAR NOT NULL,
+            timestamp TIMESTAMP NOT NULL,
+            first_test_run_id VARCHAR,
+            first_commit VARCHAR,
+            node_id VARCHAR,
+            metrics VARCHAR[] NOT NULL,
+            tests VARCHAR[] NOT NULL,
+            series BIGINT NOT NULL,
+            worst_magnitude_percent DOUBLE
+        )
+        """,
+    )),
 )
 
 LATEST_VERSION = MIGRATIONS[-1][0]

@@ -166,7 +166,7 @@ ORDER BY 1
 
 # Tables whose content is written whole by an analysis asset or counted for reports.
 TABLES = ("performance_metrics", "quarantined_metrics", "ingested_files", "normalized_timeseries",
-          "metric_rollups_hourly", "trend_stats")
+          "metric_rollups_hourly", "trend_stats", "change_points", "change_incidents")
 _COUNT_SQL = {t: f"SELECT count(*) FROM {t}" for t in TABLES}
 _CLEAR_SQL = {t: f"DELETE FROM {t}" for t in TABLES}
 _INSERT_ALL_SQL = {t: f"INSERT INTO {t} SELECT * FROM replacement" for t in TABLES}
@@ -425,6 +425,24 @@ class Warehouse:
             FROM leveled WHERE level IS NOT NULL GROUP BY metric_name, node_id, day
             ORDER BY scope, metric_name, test_name, node_id, day
         """, [window_start, window_end]).df()
+
+    def window_points(self, window_start: datetime, window_end: datetime) -> pd.DataFrame:
+        """Every normalized point of the window with its metric's scope and direction."""
+        return self.con.execute("""
+            SELECT n.timestamp, n.metric_name, n.test_name, n.node_id, n.value, n.test_run_id,
+                   n.ci_job_id, n.commit_sha, c.scope AS metric_scope, c.direction
+            FROM normalized_timeseries n JOIN metric_catalog c USING (metric_name)
+            WHERE n.timestamp > ? AND n.timestamp <= ?
+            ORDER BY n.timestamp
+        """, [window_start, window_end]).df()
+
+    def top_incidents(self, *, limit: int = 10) -> pd.DataFrame:
+        return self.con.execute("""
+            SELECT attribution, kind, timestamp, first_test_run_id, first_commit, node_id,
+                   metrics, tests, series, worst_magnitude_percent
+            FROM change_incidents WHERE kind <> 'improvement'
+            ORDER BY abs(worst_magnitude_percent) * series DESC NULLS LAST LIMIT ?
+        """, [limit]).df()
 
     def replace_table(self, table: str, frame: pd.DataFrame) -> int:
         """Replace an analysis table's whole content with `frame` (columns in table order)."""

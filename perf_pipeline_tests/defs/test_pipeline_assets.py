@@ -6,7 +6,7 @@ import dagster as dg
 import numpy as np
 import pytest
 
-from perf_pipeline.defs.analysis import trend_stats
+from perf_pipeline.defs.analysis import change_points, trend_stats
 from perf_pipeline.defs.ingest import raw_metrics
 from perf_pipeline.defs.normalize import normalized_timeseries
 from perf_pipeline.defs.resources import warehouse_resource
@@ -120,6 +120,16 @@ def test_a_range_run_then_normalization_and_trends_find_the_known_trend(landed, 
     assert len(cpu) >= 3
     metadata = trends.asset_materializations_for_node("trend_stats")[0].metadata
     assert "tests/t.py::slow" in metadata["top_degrading"].value
+
+    changes = _materialize([change_points], landed, instance)
+    assert changes.success
+    with open_warehouse(landed.database) as wh:
+        found = wh.con.execute("SELECT scope, test_name, kind FROM change_points").df()
+        incidents = wh.table_counts(["change_incidents"])["change_incidents"]
+    per_test = found[found.scope == "test"]
+    assert set(per_test.test_name) == {"tests/t.py::slow"}  # the drifting test, not the flat one
+    assert set(per_test.kind) == {"regression"}
+    assert incidents >= 1
 
 
 def test_rerunning_a_day_whose_landing_folder_vanished_refuses_to_erase_it(landed, instance):

@@ -1,0 +1,177 @@
+"""Change points of every series in the window, and the incidents they form.
+
+Series: each per-test metric per test (all nodes), each metric per node (per-test metrics
+as ratios to the test's median, so the node's test mix does not matter), and each per-run
+metric overall. A change that many tests share at the same run is a code change; a change
+on one node is a node problem: the two call for different people (bisect the commit,
+drain the node).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from perf_pipeline.analysis.change_points import DEFAULT_SETTINGS, DetectorSettings, detect_change_points
+
+# Node samples are hourly: their cycles are the day and, given three weeks, the week
+# (quiet weekends would otherwise read as a drop every Friday and a rise every Monday).
+HOURS_PER_DAY, HOURS_PER_WEEK = 24, 168
+CHANGE_COLUMNS = ["scope", "metric_name", "test_name", "node_id", "timestamp", "first_test_run_id",
+                  "first_ci_job_id", "first_commit", "before", "after", "magnitude_percent",
+                  "p_value", "effect_size", "kind", "shape", "end_timestamp", "n_points"]
+INCIDENT_COLUMNS = ["incident_id", "attribution", "kind", "timestamp", "first_test_run_id",
+                    "first_commit", "node_id", "metrics", "tests", "series", "worst_magnitude_percent"]
+
+
+def build_series(points: pd.DataFrame) -> pd.DataFrame:
+    """The series to analyse from normalized points of the window.
+
+    `points` has timestamp, metric_name, test_name, node_id, value, test_run_id, ci_job_id,
+    commit_sha, metric_scope ("test" | "node" | "run") and direction. Returns the rows again
+    with `scope` ("test" | "node" | "overall") and the value to analyse, `level`.
+    """
+    per_test = points[points["metric_scope"] == "test"]
+    base = per_test.groupby(["metric_name", "test_name"])["value"].transform("median")
+    relative = per_test["value"] / base.where(base > 0)
+    # A test's runs land on different nodes; dividing by each node's typical speed for the
+    # metric keeps a slow node's runs from looking like a change in the test.
+    node_speed = relative.groupby([per_test["metric_name"], per_test["node_id"]]).transform("median")
+    frames = [
+        per_test.assign(scope="test", node_id=None,
+                        level=per_test["value"] / node_speed.where(node_speed > 0).fillna(1.0)),
+        per_test.assign(scope="node", test_name=None, level=relative).dropna(subset=["level"]),
+        points[points["metric_scope"] == "node"].assign(scope="node", level=lambda f: f["value"]),
+        points[points["metric_scope"] == "run"].assign(scope="overall", test_name=None, node_id=None,
+                                                      level=lambda f: f["value"]),
+    ]
+    return pd.concat(frames, ignore_index=True)
+
+
+def series_change_points(series: pd.DataFrame, *,
+                         settings: DetectorSettings = DEFAULT_SETTINGS) -> pd.DataFrame:
+    """Confirmed change points of every series, with the first run, job and commit after each."""
+    rows = []
+    keys = ["scope", "metric_name", "test_name", "node_id"]
+    for (scope, metric, test, node), frame in series.groupby(keys, dropna=False, sort=True):
+        frame = frame.sort_values("timestamp", kind="stable")
+        span_days = (frame["timestamp"].iloc[-1] - frame["timestamp"].iloc[0]) / pd.Timedelta(days=1)
+        hourly = frame["metric_scope"].iloc[0] == "node" and scope == "node"
+        period = None
+        if hourly:
+            period = HOURS_PER_WEEK if span_days >= 21 else HOURS_PER_DAY if span_days >= 3 else None
+        changes = detect_change_points(frame["level"].to_numpy(), direction=frame["direction"].iloc[0],
+                                       period=period, settings=settings)
+        for change in changes:
+            at = frame.iloc[change.index]
+            end = frame.iloc[change.end_index]["timestamp"] if change.end_index is not None else None
+            rows.append({
+                "scope": scope, "metric_name": metric,
+                "test_name": None if pd.isna(test) else test, "node_id": None if pd.isna(node) else node,
+                "timestamp": at["timestamp"], "first_test_run_id": at["test_run_id"],
+                "first_ci_job_id": at["ci_job_id"], "first_commit": at["commit_sha"],
+                "before": change.before, "after": change.after,
+                "magnitude_percent": change.magnitude_percent, "p_value": change.p_value,
+                "effect_size": change.effect_size, "kind": change.kind, "shape": change.shape,
+                "end_timestamp": end, "n_points": len(frame)})
+    return pd.DataFrame(rows, columns=CHANGE_COLUMNS)
+
+
+def common_run(members: pd.DataFrame, series: pd.DataFrame, *, reach: int = 6) -> pd.Series:
+    """The run where a code change most likely starts for all its tests at once.
+
+    Each test alone can mislocate a step by a run or two when noisy runs sit next to it;
+    a code change starts at the same run for all of them, so the boundary is chosen to
+    minimise the summed absolute deviations (log levels) of every member series."""
+    frames = []
+    for _, change in members.iterrows():
+        frame = series[(series["scope"] == "test") & (series["metric_name"] == change["metric_name"])
+                       & (series["test_name"] == change["test_name"])].sort_values("timestamp")
+        frames.append(frame)
+    times = sorted(set().union(*[set(f["timestamp"]) for f in frames]))
+    first = members["timestamp"].min()
+    last = members["timestamp"].max()
+    candidates = [t for t in times if first - pd.Timedelta(hours=reach) <= t <= last + pd.Timedelta(hours=reach)]
+
+    def cost(boundary) -> float:
+        total = 0.0
+        for frame in frames:
+            level = np.log(frame["level"].clip(lower=1e-12).to_numpy())
+            split = int(np.searchsorted(frame["timestamp"].to_numpy(), np.datetime64(boundary)))
+            left, right = level[:split], level[split:]
+            if len(left) == 0 or len(right) == 0:
+                return np.inf
+            total += np.abs(left - np.median(left)).sum() + np.abs(right - np.median(right)).sum()
+        return total
+
+    boundary = min(candidates, key=cost) if candidates else first
+    at = pd.concat(frames)
+    return at[at["timestamp"] >= boundary].sort_values("timestamp").iloc[0]
+
+
+def group_incidents(changes: pd.DataFrame, series: pd.DataFrame | None = None, *,
+                    tolerance: pd.Timedelta = pd.Timedelta(hours=6)
+                    ) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(changes with `incident_id`, incidents). Per-test changes close in time form one
+    code-change incident (located jointly when `series` is given); per-node changes of one
+    node close in time form a node-problem incident; per-run metrics' changes stand alone."""
+    changes = changes.copy()
+    changes["incident_id"] = pd.Series(dtype=object)
+    incidents = []
+
+    def add(members: pd.DataFrame, attribution: str) -> None:
+        first = members.sort_values("timestamp").iloc[0].copy()
+        if attribution == "code_change" and series is not None:
+            start = common_run(members, series)
+            first["timestamp"], first["first_test_run_id"] = start["timestamp"], start["test_run_id"]
+            first["first_commit"] = start["commit_sha"]
+        magnitudes = members["magnitude_percent"].dropna()
+        worst = float(magnitudes.loc[magnitudes.abs().idxmax()]) if len(magnitudes) else None
+        kinds = set(members["kind"])
+        identifier = f"{attribution}-{first['timestamp']:%Y%m%dT%H%M}-{len(incidents) + 1}"
+        changes.loc[members.index, "incident_id"] = identifier
+        incidents.append({
+            "incident_id": identifier, "attribution": attribution,
+            "kind": kinds.pop() if len(kinds) == 1 else "mixed",
+            "timestamp": first["timestamp"], "first_test_run_id": first["first_test_run_id"],
+            "first_commit": first["first_commit"],
+            "node_id": first["node_id"] if attribution == "node_problem" else None,
+            "metrics": sorted(set(members["metric_name"])),
+            "tests": sorted(t for t in set(members["test_name"]) if isinstance(t, str)),
+            "series": len(members), "worst_magnitude_percent": worst})
+
+    def clusters(frame: pd.DataFrame):
+        frame = frame.sort_values("timestamp")
+        gap = frame["timestamp"].diff() > tolerance
+        return frame.groupby(gap.cumsum())
+
+    for _, members in clusters(changes[changes["scope"] == "test"]):
+        add(members, "code_change")
+    for _, node_changes in changes[changes["scope"] == "node"].groupby("node_id"):
+        for _, members in clusters(node_changes):
+            add(members, "node_problem")
+    for index in changes.index[changes["scope"] == "overall"]:
+        add(changes.loc[[index]], "ci_metric")
+    return changes, pd.DataFrame(incidents, columns=INCIDENT_COLUMNS)
+
+
+def attribution_share(incidents: pd.DataFrame, truth: dict, *,
+                      tolerance: pd.Timedelta = pd.Timedelta(hours=6)) -> tuple[int, int]:
+    """(correctly attributed, injected) for a simulator truth: each code step must be a
+    code-change incident holding its tests near its time, each node step a node-problem
+    incident of its node near its time."""
+    correct = total = 0
+    for injection in truth["injections"]:
+        if injection["kind"] not in ("step", "node_step"):
+            continue
+        total += 1
+        at = pd.Timestamp(injection["timestamp"]).tz_localize(None)
+        near = incidents[(incidents["timestamp"] - at).abs() <= tolerance]
+        if injection["kind"] == "step":
+            hit = near[(near["attribution"] == "code_change")
+                       & near["tests"].map(lambda tests: bool(set(tests) & set(injection["test_names"])))]
+        else:
+            hit = near[(near["attribution"] == "node_problem") & (near["node_id"] == injection["node_id"])]
+        correct += int(len(hit) > 0)
+    return correct, total
+

@@ -58,7 +58,8 @@ def test_dagster_dev_loads_the_code_location_with_assets_in_groups(tmp_path):
         assert location["locationOrLoadError"]["__typename"] == "RepositoryLocation"
         groups = {tuple(a["assetKey"]["path"]): a["groupName"] for a in data["assetNodes"]}
         assert groups == {("raw_metrics",): "ingest", ("normalized_timeseries",): "normalize",
-                          ("trend_stats",): "analysis", ("change_points",): "analysis"}
+                          ("trend_stats",): "analysis", ("change_points",): "analysis",
+                          ("seasonal_profiles",): "analysis"}
     finally:
         os.killpg(process.pid, signal.SIGTERM)
         try:

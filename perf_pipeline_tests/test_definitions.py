@@ -15,14 +15,16 @@ def test_jobs_and_assets_exist_in_their_groups():
     graph = defs.resolve_asset_graph()
     groups = {key.to_user_string(): graph.get(key).group_name for key in graph.get_all_asset_keys()}
     assert groups == {"raw_metrics": "ingest", "normalized_timeseries": "normalize",
-                      "trend_stats": "analysis", "change_points": "analysis"}
+                      "trend_stats": "analysis", "change_points": "analysis",
+                      "seasonal_profiles": "analysis"}
 
 
 def test_writers_share_the_duckdb_pool_and_carry_descriptions():
     for assets_def in defs.resolve_all_asset_specs():
         assert assets_def.description, assets_def.key
         assert "duckdb" in assets_def.kinds
-    for key in ("raw_metrics", "normalized_timeseries", "trend_stats", "change_points"):
+    for key in ("raw_metrics", "normalized_timeseries", "trend_stats", "change_points",
+                "seasonal_profiles"):
         node = defs.resolve_assets_def(key).node_def
         assert node.pool == "duckdb", key
 

@@ -1,4 +1,4 @@
-"""Analysis over the rolling window: trend_stats and change_points."""
+"""Analysis over the rolling window: trend_stats, change_points, seasonal_profiles."""
 
 from datetime import datetime, timedelta, timezone
 
@@ -6,6 +6,7 @@ import dagster as dg
 
 from perf_pipeline.analysis.change_points import DEFAULT_SETTINGS, DetectorSettings
 from perf_pipeline.analysis.regressions import build_series, group_incidents, series_change_points
+from perf_pipeline.analysis.seasonality import seasonal_profiles as decompose_profiles
 from perf_pipeline.analysis.trends import compute_trend_stats
 from perf_pipeline.config import TrendSettings
 from perf_pipeline.defs.resources import WarehouseResource
@@ -113,3 +114,27 @@ def change_points(context: dg.AssetExecutionContext, config: ChangePointConfig,
     })
 
 
+
+
+@dg.asset(
+    deps=["normalized_timeseries"],
+    pool="duckdb",
+    group_name="analysis",
+    kinds={"duckdb"},
+    description="Daily cycle of every node metric per node (STL) and daily and weekly cycles "
+                "fleet-wide (MSTL), with their strength.",
+)
+def seasonal_profiles(context: dg.AssetExecutionContext, config: WindowConfig,
+                      warehouse: WarehouseResource) -> dg.MaterializeResult:
+    with warehouse.open() as wh:
+        window_start, window_end = _window(context, config, wh)
+        profiles = decompose_profiles(wh.node_hourly(window_start, window_end))
+        wh.replace_table("seasonal_profiles", profiles.assign(computed_at=_now()))
+        strongest = wh.strongest_cycles(limit=15)
+    return dg.MaterializeResult(metadata={
+        "profiles": dg.MetadataValue.int(int(profiles.groupby(
+            ["metric_name", "node_id", "cycle"], dropna=False).ngroups)),
+        "strongest_fleet_cycles": dg.MetadataValue.md(markdown_table(
+            ["metric", "cycle", "strength", "peak to trough"], strongest.itertuples(index=False))
+            if len(strongest) else "not enough hourly data yet"),
+    })

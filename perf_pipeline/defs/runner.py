@@ -124,10 +124,11 @@ def run_pipeline(paths: Paths, *, days: list[date] | None = None,
             report.run_ids.append(_execute(
                 ingest_job, instance, run_config=_QUIET_LOGS,
                 tags={RANGE_START_TAG: first.isoformat(), RANGE_END_TAG: last.isoformat()}))
-        progress("analysing the window: trend_stats, change_points")
+        progress("analysing the window: trend_stats, change_points, seasonal_profiles")
         window = {"window_days": trend_config["window_days"]} if trend_config and "window_days" in trend_config else {}
         run_config = {**_QUIET_LOGS, "ops": {"trend_stats": {"config": trend_config or {}},
-                                             "change_points": {"config": window}}}
+                                             "change_points": {"config": window},
+                                             "seasonal_profiles": {"config": window}}}
         report.run_ids.append(_execute(defs.resolve_job_def("analysis_job"), instance,
                                        run_config=run_config))
     return report

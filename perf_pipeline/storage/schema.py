@@ -193,6 +193,20 @@ MIGRATIONS: tuple[tuple[int, str, tuple[str, ...]], ...] = (
         )
         """,
     )),
+    (3, "daily and weekly seasonal profiles", (
+        """
+        CREATE TABLE seasonal_profiles (
+            computed_at TIMESTAMP NOT NULL,
+            metric_name VARCHAR NOT NULL,
+            node_id VARCHAR,
+            cycle VARCHAR NOT NULL,
+            phase INTEGER NOT NULL,
+            effect DOUBLE NOT NULL,
+            strength DOUBLE NOT NULL,
+            n_hours BIGINT NOT NULL
+        )
+        """,
+    )),
 )
 
 LATEST_VERSION = MIGRATIONS[-1][0]

@@ -166,7 +166,8 @@ ORDER BY 1
 
 # Tables whose content is written whole by an analysis asset or counted for reports.
 TABLES = ("performance_metrics", "quarantined_metrics", "ingested_files", "normalized_timeseries",
-          "metric_rollups_hourly", "trend_stats", "change_points", "change_incidents")
+          "metric_rollups_hourly", "trend_stats", "change_points", "change_incidents",
+          "seasonal_profiles")
 _COUNT_SQL = {t: f"SELECT count(*) FROM {t}" for t in TABLES}
 _CLEAR_SQL = {t: f"DELETE FROM {t}" for t in TABLES}
 _INSERT_ALL_SQL = {t: f"INSERT INTO {t} SELECT * FROM replacement" for t in TABLES}
@@ -435,6 +436,23 @@ class Warehouse:
             WHERE n.timestamp > ? AND n.timestamp <= ?
             ORDER BY n.timestamp
         """, [window_start, window_end]).df()
+
+    def node_hourly(self, window_start: datetime, window_end: datetime) -> pd.DataFrame:
+        """Hourly means of every node-scope metric per node in the window."""
+        return self.con.execute("""
+            SELECT r.hour, r.metric_name, r.node_id, r.mean AS value
+            FROM metric_rollups_hourly r JOIN metric_catalog c USING (metric_name)
+            WHERE c.scope = 'node' AND r.hour > ? AND r.hour <= ?
+            ORDER BY r.metric_name, r.node_id, r.hour
+        """, [window_start, window_end]).df()
+
+    def strongest_cycles(self, *, limit: int = 10) -> pd.DataFrame:
+        return self.con.execute("""
+            SELECT metric_name, cycle, any_value(strength) AS strength,
+                   max(effect) - min(effect) AS peak_to_trough
+            FROM seasonal_profiles WHERE node_id IS NULL
+            GROUP BY metric_name, cycle ORDER BY strength DESC LIMIT ?
+        """, [limit]).df()
 
     def top_incidents(self, *, limit: int = 10) -> pd.DataFrame:
         return self.con.execute("""

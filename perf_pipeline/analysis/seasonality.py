@@ -1,0 +1,78 @@
+"""Daily and weekly cycles of hourly series, and how strong they are.
+
+Each node's hourly series is decomposed with statsmodels' STL over the day (24 hours); the
+fleet's series of a metric (median over nodes, hour by hour) with MSTL over the day and the
+week (168 hours) once it spans two weeks: the work week is a fleet-wide rhythm, and one
+MSTL per metric costs what STL costs per node. Strength is Wang, Smith and Hyndman's
+measure, max(0, 1 - Var(remainder) / Var(component + remainder)): near 0 for no cycle,
+near 1 for a cycle that dominates the noise.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+from statsmodels.tsa.seasonal import MSTL, STL
+
+DAY, WEEK = 24, 168
+MIN_COVERAGE = 0.9  # share of the window's hours that must have a value
+PROFILE_COLUMNS = ["metric_name", "node_id", "cycle", "phase", "effect", "strength", "n_hours"]
+
+
+def strength(component: np.ndarray, remainder: np.ndarray) -> float:
+    total = float(np.var(component + remainder))
+    return max(0.0, 1.0 - float(np.var(remainder)) / total) if total > 0 else 0.0
+
+
+def _profile(component: np.ndarray, phases: np.ndarray, period: int) -> np.ndarray:
+    return np.array([np.median(component[phases == p]) if np.any(phases == p) else 0.0
+                     for p in range(period)])
+
+
+def hourly_grid(hours: pd.Series, values: pd.Series) -> pd.Series | None:
+    """Values on a complete hourly index, gaps interpolated; None when too many are missing."""
+    series = pd.Series(values.to_numpy(), index=pd.DatetimeIndex(hours)).groupby(level=0).mean()
+    full = series.reindex(pd.date_range(series.index.min(), series.index.max(), freq="h"))
+    if full.notna().mean() < MIN_COVERAGE:
+        return None
+    return full.interpolate(limit_direction="both")
+
+
+def decompose(series: pd.Series, *, weekly: bool) -> list[dict]:
+    """Profile rows (cycle, phase, effect, strength) of one complete hourly series."""
+    values = series.to_numpy(dtype=float)
+    hour_of_day = series.index.hour.to_numpy()
+    hour_of_week = series.index.day_of_week.to_numpy() * DAY + hour_of_day
+    if weekly:
+        fit = MSTL(values, periods=(DAY, WEEK), iterate=1, stl_kwargs={"robust": False}).fit()
+        components = {"daily": (fit.seasonal[:, 0], hour_of_day, DAY),
+                      "weekly": (fit.seasonal[:, 1], hour_of_week, WEEK)}
+    else:
+        fit = STL(values, period=DAY).fit()
+        components = {"daily": (np.asarray(fit.seasonal), hour_of_day, DAY)}
+    remainder = np.asarray(fit.resid)
+    rows = []
+    for cycle, (component, phases, period) in components.items():
+        level = strength(component, remainder)
+        for phase, effect in enumerate(_profile(component, phases, period)):
+            rows.append({"cycle": cycle, "phase": phase, "effect": float(effect),
+                         "strength": level, "n_hours": len(values)})
+    return rows
+
+
+def seasonal_profiles(hourly: pd.DataFrame) -> pd.DataFrame:
+    """`hourly` has hour, metric_name, node_id, value (node-scope metrics). Rows per node
+    (daily cycle, from three days) and per metric fleet-wide (node_id empty; daily, and
+    weekly from two weeks)."""
+    rows = []
+    for (metric, node), frame in hourly.groupby(["metric_name", "node_id"], sort=True):
+        grid = hourly_grid(frame["hour"], frame["value"])
+        if grid is not None and len(grid) >= 3 * DAY:
+            rows += [{"metric_name": metric, "node_id": node, **r} for r in decompose(grid, weekly=False)]
+    fleet = hourly.groupby(["metric_name", "hour"], as_index=False)["value"].median()
+    for metric, frame in fleet.groupby("metric_name", sort=True):
+        grid = hourly_grid(frame["hour"], frame["value"])
+        if grid is not None and len(grid) >= 3 * DAY:
+            rows += [{"metric_name": metric, "node_id": None, **r}
+                     for r in decompose(grid, weekly=len(grid) >= 2 * WEEK)]
+    return pd.DataFrame(rows, columns=PROFILE_COLUMNS)

@@ -3,6 +3,7 @@
 import json
 from datetime import datetime, timezone
 
+import numpy as np
 import pytest
 
 from perf_pipeline.config import paths_from_env
@@ -28,14 +29,18 @@ def _pipeline_on_simulated_fleet(tmp_path, monkeypatch, seed: int):
     with open_warehouse(paths.database, read_only=True) as wh:
         trends = wh.con.execute("SELECT * FROM trend_stats").df()
         incidents = wh.con.execute("SELECT * FROM change_incidents").df()
+        changes = wh.con.execute("SELECT * FROM change_points").df()
+        node_points = wh.con.execute(
+            "SELECT metric_name, node_id, count(*) AS n FROM normalized_timeseries "
+            "WHERE test_name IS NULL GROUP BY ALL").df()
         loaded = wh.table_counts(["performance_metrics", "quarantined_metrics"])
-    return truth, trends, report, loaded, incidents
+    return truth, trends, report, loaded, incidents, changes, node_points
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("seed", [1, 2, 3])
 def test_injected_trends_are_found_and_pure_noise_is_quiet(tmp_path, monkeypatch, seed):
-    truth, trends, report, loaded, _ = _pipeline_on_simulated_fleet(tmp_path, monkeypatch, seed)
+    truth, trends, report, loaded, *_ = _pipeline_on_simulated_fleet(tmp_path, monkeypatch, seed)
     assert loaded["performance_metrics"] + loaded["quarantined_metrics"] == report.records_read
     assert loaded["quarantined_metrics"] == 0
 
@@ -72,7 +77,7 @@ def test_injected_trends_are_found_and_pure_noise_is_quiet(tmp_path, monkeypatch
 @pytest.mark.slow
 @pytest.mark.parametrize("seed", [1, 2])
 def test_injected_regressions_are_found_at_their_run_and_attributed(tmp_path, monkeypatch, seed):
-    truth, _, _, _, incidents = _pipeline_on_simulated_fleet(tmp_path, monkeypatch, seed)
+    truth, _, _, _, incidents, changes, node_points = _pipeline_on_simulated_fleet(tmp_path, monkeypatch, seed)
     code = incidents[incidents["attribution"] == "code_change"]
     def run_number(run_id: str) -> int:  # the simulator numbers runs run-<seed:3><n:6>
         return int(run_id[-6:])
@@ -90,3 +95,13 @@ def test_injected_regressions_are_found_at_their_run_and_attributed(tmp_path, mo
     print(f"seed {seed}: {exact} of 3 code steps located at exactly their first run")
     correct, total = attribution_share(incidents, truth)
     assert total == 4 and correct / total >= 0.8
+
+    # Node series no injection touches are noise: at most 1 change per 10,000 points.
+    affected = {(s["metric_name"], s["node_id"]) for s in truth["affected_series"] if s["node_id"]}
+    quiet = node_points[[(m, n) not in affected for m, n in zip(node_points.metric_name, node_points.node_id)]]
+    quiet_keys = set(zip(quiet.metric_name, quiet.node_id))
+    on_quiet = np.array([(m, n) in quiet_keys for m, n in zip(changes.metric_name, changes.node_id)],
+                        dtype=bool)
+    false = changes[(changes.scope == "node").to_numpy() & on_quiet]
+    print(f"seed {seed}: {len(false)} changes on {int(quiet.n.sum())} points of quiet node series")
+    assert len(false) <= quiet.n.sum() / 10_000, false[["metric_name", "node_id", "magnitude_percent"]]

@@ -218,7 +218,7 @@ def _ramp_between(x: np.ndarray, start: int, end: int) -> bool:
 
 def _as_prepared(values: np.ndarray, period: int | None, settings: DetectorSettings
                  ) -> tuple[np.ndarray, bool]:
-    use_log = bool(np.all(values > 0)) and (
+    use_log = bool(np.all(values > 0)) and np.ptp(values) > 1e-9 * np.max(values) and (
         abs(stats.skew(np.log(values))) < abs(stats.skew(values)))
     x = np.log(values) if use_log else values.astype(float)
     cycle = period if period is not None else find_period(x)

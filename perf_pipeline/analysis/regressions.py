@@ -9,14 +9,20 @@ drain the node).
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pandas as pd
 
 from perf_pipeline.analysis.change_points import DEFAULT_SETTINGS, DetectorSettings, detect_change_points
+from perf_pipeline.catalog import get_metric
 
 # Node samples are hourly: their cycles are the day and, given three weeks, the week
 # (quiet weekends would otherwise read as a drop every Friday and a rise every Monday).
 HOURS_PER_DAY, HOURS_PER_WEEK = 24, 168
+# Confirmed but tiny shifts (a residue of the weekly cycle, a 2% wobble in memory) are not
+# worth a person's attention: a change must reach half the metric's alert threshold.
+MIN_SHARE_OF_ALERT_THRESHOLD = 0.5
 CHANGE_COLUMNS = ["scope", "metric_name", "test_name", "node_id", "timestamp", "first_test_run_id",
                   "first_ci_job_id", "first_commit", "before", "after", "magnitude_percent",
                   "p_value", "effect_size", "kind", "shape", "end_timestamp", "n_points"]
@@ -57,12 +63,18 @@ def series_change_points(series: pd.DataFrame, *,
         frame = frame.sort_values("timestamp", kind="stable")
         span_days = (frame["timestamp"].iloc[-1] - frame["timestamp"].iloc[0]) / pd.Timedelta(days=1)
         hourly = frame["metric_scope"].iloc[0] == "node" and scope == "node"
-        period = None
+        period, series_settings = None, settings
         if hourly:
             period = HOURS_PER_WEEK if span_days >= 21 else HOURS_PER_DAY if span_days >= 3 else None
+            # A node state that reverts within hours is an excursion, not a lasting change:
+            # hourly series need a day on either side of a boundary.
+            series_settings = replace(settings, min_size=max(settings.min_size, HOURS_PER_DAY))
         changes = detect_change_points(frame["level"].to_numpy(), direction=frame["direction"].iloc[0],
-                                       period=period, settings=settings)
+                                       period=period, settings=series_settings)
+        floor = MIN_SHARE_OF_ALERT_THRESHOLD * get_metric(metric).alert_threshold_percent
         for change in changes:
+            if change.magnitude_percent is not None and abs(change.magnitude_percent) < floor:
+                continue
             at = frame.iloc[change.index]
             end = frame.iloc[change.end_index]["timestamp"] if change.end_index is not None else None
             rows.append({

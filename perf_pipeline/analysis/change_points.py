@@ -34,6 +34,8 @@ import numpy as np
 import ruptures as rpt
 from scipy import stats
 
+from perf_pipeline.analysis.robust import MAD_TO_SIGMA, ar1_variance_inflation, lag1_autocorrelation
+
 LOWER_IS_BETTER = "lower_is_better"
 HIGHER_IS_BETTER = "higher_is_better"
 
@@ -69,7 +71,6 @@ class DetectorSettings:
 
 
 DEFAULT_SETTINGS = DetectorSettings()
-_MAD_TO_SIGMA = 1.4826
 # A cycle must cut the spread of lag-p differences to this share of the lag-p/2 ones.
 _PERIOD_RATIO = 0.7
 
@@ -79,7 +80,7 @@ def robust_sigma(values: np.ndarray) -> float:
     if len(values) < 3:
         return 0.0
     diffs = np.diff(values)
-    return float(_MAD_TO_SIGMA * np.median(np.abs(diffs - np.median(diffs))) / np.sqrt(2))
+    return float(MAD_TO_SIGMA * np.median(np.abs(diffs - np.median(diffs))) / np.sqrt(2))
 
 
 def _rolling_median(values: np.ndarray, window: int) -> np.ndarray:
@@ -140,16 +141,6 @@ def cusum_statistic(values: np.ndarray, sigma: float) -> float:
     return float(np.max(np.abs(centred)) / (sigma * np.sqrt(n)))
 
 
-def lag1_autocorrelation(residuals: np.ndarray) -> float:
-    n = len(residuals)
-    centred = residuals - residuals.mean()
-    denominator = float(np.dot(centred, centred))
-    if n < 6 or denominator == 0:
-        return 0.0
-    raw = float(np.dot(centred[1:], centred[:-1]) / denominator)
-    return float(np.clip(raw + (1 + 4 * raw) / n, 0.0, 0.9))
-
-
 def _segment_residuals(x: np.ndarray, bounds: list[int]) -> np.ndarray:
     starts = [0, *bounds]
     ends = [*bounds, len(x)]
@@ -182,11 +173,10 @@ def _confirm(x: np.ndarray, bounds: list[int], sigma: float, settings: DetectorS
     bounds = list(bounds)
     while bounds:
         residuals = _segment_residuals(x, bounds)
-        rho = lag1_autocorrelation(residuals)
-        inflation = np.sqrt((1 + rho) / (1 - rho))
+        inflation = np.sqrt(ar1_variance_inflation(lag1_autocorrelation(residuals)))
         # Effects in units of the residuals' own spread: the difference-based sigma
         # understates the noise of autocorrelated series and would overstate their shifts.
-        spread = max(sigma, _MAD_TO_SIGMA * float(np.median(np.abs(residuals))))
+        spread = max(sigma, MAD_TO_SIGMA * float(np.median(np.abs(residuals))))
         edges = [0, *bounds, len(x)]
         results = []
         for i, k in enumerate(bounds):

@@ -22,6 +22,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+from perf_pipeline.analysis.robust import MAD_TO_SIGMA, ar1_variance_inflation, lag1_autocorrelation
 from perf_pipeline.catalog import get_metric
 
 # Below this share of the series' spread, the mean is "near zero" and ratios to it are noise.
@@ -87,17 +88,6 @@ def remove_weekday_effect(day_index: np.ndarray, values: np.ndarray,
     return values - np.array([lookup[w] for w in weekday])
 
 
-def lag1_autocorrelation(residuals: np.ndarray) -> float:
-    """Lag-1 autocorrelation with the Marriott–Pope small-sample bias correction."""
-    n = len(residuals)
-    centred = residuals - residuals.mean()
-    denominator = float(np.dot(centred, centred))
-    if n < 4 or denominator == 0:
-        return 0.0
-    raw = float(np.dot(centred[1:], centred[:-1]) / denominator)
-    return float(np.clip(raw + (1 + 4 * raw) / n, -0.95, 0.95))
-
-
 def _autocorrelation_corrected(p_value: float, residuals: np.ndarray) -> float:
     """Mann–Kendall p-value with its variance inflated for positive lag-1 autocorrelation.
 
@@ -107,10 +97,10 @@ def _autocorrelation_corrected(p_value: float, residuals: np.ndarray) -> float:
     only significant autocorrelation, as Hamed and Rao do, gains little power on daily
     series of 30 points and triples the false alarms on AR(1) noise: measured.)
     """
-    rho = lag1_autocorrelation(residuals)
-    if rho <= 0 or p_value >= 1:
+    inflation = ar1_variance_inflation(lag1_autocorrelation(residuals))
+    if inflation == 1 or p_value >= 1:
         return p_value
-    z = stats.norm.isf(p_value / 2) / np.sqrt((1 + rho) / (1 - rho))
+    z = stats.norm.isf(p_value / 2) / np.sqrt(inflation)
     return float(2 * stats.norm.sf(z))
 
 
@@ -145,7 +135,7 @@ def analyze_trend(day_index: Iterable[float], values: Iterable[float], *,
 
     residuals = y - (np.median(y - ts_slope * t) + ts_slope * t)
     mk_p = _autocorrelation_corrected(mk_p, residuals)
-    noise_sigma = float(1.4826 * np.median(np.abs(residuals - np.median(residuals))))
+    noise_sigma = float(MAD_TO_SIGMA * np.median(np.abs(residuals - np.median(residuals))))
     span = float(t[-1] - t[0])
     change = ts_slope * span
     meaningful_mean = abs(mean) > max(_NEAR_ZERO_MEAN * noise_sigma, 1e-12)

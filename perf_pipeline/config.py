@@ -74,7 +74,7 @@ class TrendSettings:
     window_days: int = 30
     # Benjamini–Hochberg false discovery rate over all series analysed together. 1%, not 5%:
     # with hundreds of series a 5% FDR still alerts on noise in some windows (measured on
-    # 30 seeds × 300 noise series: 4–6 false trends at 5%, none at 1%).
+    # 30 seeds × 300 noise series: 3–4 false trends at 5%, none at 1%).
     alpha: float = 0.01
     # A trend must move the series by at least this much over the window to matter: with
     # thousands of series, statistically "significant" drifts of 0.5% are noise to an owner.

@@ -30,11 +30,14 @@ def _counts(database: Path) -> tuple:
 @pytest.mark.slow
 def test_dagster_asset_materialize_cli_twice_leaves_identical_counts(tmp_path):
     home = tmp_path / "home"
-    rows = [metric_row(f"2026-11-01T{h:02d}:00:00Z", value=1 + h / 10, run=f"run-{h}")
-            for h in range(24)] + [metric_row("2026-11-01T05:00:00Z", value=float("nan"))]
-    ingest = _run([str(BIN / "perf-pipeline"), "ingest",
-                   str(write_jsonl(tmp_path / "in.jsonl", rows))], home)
+    simulate = _run([str(BIN / "perf-pipeline"), "simulate", "--days", "2", "--nodes", "5",
+                     "--tests", "5", "--end", "2026-11-02", "--out", str(tmp_path / "sim")], home)
+    assert simulate.returncode == 0, simulate.stderr
+    bad = write_jsonl(tmp_path / "bad.jsonl", [metric_row("2026-11-01T05:00:00Z", value=float("nan"))])
+    ingest = _run([str(BIN / "perf-pipeline"), "ingest", str(tmp_path / "sim"), str(bad)], home)
     assert ingest.returncode == 0, ingest.stderr
+    (day_file,) = (tmp_path / "sim" / "2026-11-01").glob("*.jsonl")
+    simulated = len(day_file.read_text().splitlines())
     command = [str(BIN / "dagster"), "asset", "materialize", "-m", "perf_pipeline.definitions",
                "--select", "raw_metrics", "--partition", "2026-11-01"]
     dagster_home = tmp_path / "dagster_home"
@@ -44,7 +47,7 @@ def test_dagster_asset_materialize_cli_twice_leaves_identical_counts(tmp_path):
     after_first = _counts(home / "perf.duckdb")
     second = _run(command, home, DAGSTER_HOME=str(dagster_home))
     assert second.returncode == 0, second.stderr[-3000:]
-    assert _counts(home / "perf.duckdb") == after_first == (24, 1)
+    assert _counts(home / "perf.duckdb") == after_first == (simulated, 1)
 
 
 def test_errors_are_one_clear_line(tmp_path):

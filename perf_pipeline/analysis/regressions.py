@@ -122,11 +122,14 @@ def common_run(members: pd.DataFrame, series: pd.DataFrame, *, reach: int = 6) -
 
 
 def group_incidents(changes: pd.DataFrame, series: pd.DataFrame | None = None, *,
-                    tolerance: pd.Timedelta = pd.Timedelta(hours=6)
+                    tolerance: pd.Timedelta = pd.Timedelta(hours=6),
+                    node_tolerance: pd.Timedelta = pd.Timedelta(days=3)
                     ) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(changes with `incident_id`, incidents). Per-test changes close in time form one
-    code-change incident (located jointly when `series` is given); per-node changes of one
-    node close in time form a node-problem incident; per-run metrics' changes stand alone."""
+    """(changes with `incident_id`, incidents). Per-test changes within `tolerance` of each
+    other form one code-change incident (located jointly when `series` is given); one
+    node's changes of one kind within `node_tolerance` form a node-problem incident (a node
+    that degrades for weeks confirms a step every few days: it is one problem); per-run
+    metrics' changes stand alone."""
     changes = changes.copy()
     changes["incident_id"] = pd.Series(dtype=object)
     incidents = []
@@ -152,15 +155,14 @@ def group_incidents(changes: pd.DataFrame, series: pd.DataFrame | None = None, *
             "tests": sorted(t for t in set(members["test_name"]) if isinstance(t, str)),
             "series": len(members), "worst_magnitude_percent": worst})
 
-    def clusters(frame: pd.DataFrame):
+    def clusters(frame: pd.DataFrame, gap: pd.Timedelta):
         frame = frame.sort_values("timestamp")
-        gap = frame["timestamp"].diff() > tolerance
-        return frame.groupby(gap.cumsum())
+        return frame.groupby((frame["timestamp"].diff() > gap).cumsum())
 
-    for _, members in clusters(changes[changes["scope"] == "test"]):
+    for _, members in clusters(changes[changes["scope"] == "test"], tolerance):
         add(members, "code_change")
-    for _, node_changes in changes[changes["scope"] == "node"].groupby("node_id"):
-        for _, members in clusters(node_changes):
+    for _, node_changes in changes[changes["scope"] == "node"].groupby(["node_id", "kind"]):
+        for _, members in clusters(node_changes, node_tolerance):
             add(members, "node_problem")
     for index in changes.index[changes["scope"] == "overall"]:
         add(changes.loc[[index]], "ci_metric")

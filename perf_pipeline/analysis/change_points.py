@@ -206,8 +206,7 @@ def _ramp_between(x: np.ndarray, start: int, end: int) -> bool:
     return fit.pvalue < 1e-3 and np.sum(residual**2) < 0.8 * np.sum(step_residual**2)
 
 
-def _as_prepared(values: np.ndarray, period: int | None, settings: DetectorSettings
-                 ) -> tuple[np.ndarray, bool]:
+def _as_prepared(values: np.ndarray, period: int | None, settings: DetectorSettings) -> np.ndarray:
     use_log = bool(np.all(values > 0)) and np.ptp(values) > 1e-9 * np.max(values) and (
         abs(stats.skew(np.log(values))) < abs(stats.skew(values)))
     x = np.log(values) if use_log else values.astype(float)
@@ -218,7 +217,7 @@ def _as_prepared(values: np.ndarray, period: int | None, settings: DetectorSetti
     if sigma > 0:
         level = _rolling_median(x, 2 * settings.min_size + 1)
         x = np.clip(x, level - settings.clip_sigmas * sigma, level + settings.clip_sigmas * sigma)
-    return x, use_log
+    return x
 
 
 def detect_change_points(values: Sequence[float], *, timestamps: Sequence | None = None,
@@ -232,7 +231,7 @@ def detect_change_points(values: Sequence[float], *, timestamps: Sequence | None
     y = raw[keep]
     if len(y) < 2 * settings.min_size:
         return []
-    x, _ = _as_prepared(y, period, settings)
+    x = _as_prepared(y, period, settings)
     sigma = robust_sigma(x)
     if sigma == 0:
         sigma = float(np.std(x))
@@ -249,16 +248,17 @@ def detect_change_points(values: Sequence[float], *, timestamps: Sequence | None
 
     sign = 1 if direction == LOWER_IS_BETTER else -1
     edges = [0, *[k for k, _, _ in confirmed], len(y)]
+
+    def step_sign(m: int) -> float:  # direction of the m-th confirmed change
+        return np.sign(np.median(y[edges[m + 1]:edges[m + 2]]) - np.median(y[edges[m]:edges[m + 1]]))
+
     changes: list[ChangePoint] = []
     i = 0
     while i < len(confirmed):
         # a run of same-direction changes that a straight line explains is one ramp
         j = i
-        while (j + 1 < len(confirmed)
-               and np.sign(np.median(y[edges[j + 2]:edges[j + 3]]) - np.median(y[edges[j + 1]:edges[j + 2]]))
-               == np.sign(np.median(y[edges[i + 1]:edges[i + 2]]) - np.median(y[edges[i]:edges[i + 1]]))
-               and _ramp_between(x, edges[i + 1] - settings.min_size,
-                                 edges[j + 2] + settings.min_size)):
+        while (j + 1 < len(confirmed) and step_sign(j + 1) == step_sign(i)
+               and _ramp_between(x, edges[i + 1] - settings.min_size, edges[j + 2] + settings.min_size)):
             j += 1
         k, p_value, effect = confirmed[i]
         shape, end = "step", None
@@ -268,8 +268,7 @@ def detect_change_points(values: Sequence[float], *, timestamps: Sequence | None
             effect = sum(r[2] for r in confirmed[i:j + 1])
         before = float(np.median(y[edges[i]:k]))
         after = float(np.median(y[edges[j + 1]:edges[j + 2]]))
-        scale = max(abs(before), 1e-12)
-        magnitude = (after - before) / scale * 100 if abs(before) > 1e-9 else None
+        magnitude = (after - before) / abs(before) * 100 if abs(before) > 1e-9 else None
         worse = np.sign(after - before) * sign > 0
         changes.append(ChangePoint(
             index=int(keep[k]), before=before, after=after, magnitude_percent=magnitude,

@@ -11,7 +11,15 @@ from pathlib import Path
 
 from perf_pipeline.config import paths_from_env
 from perf_pipeline.ingest.formats import is_supported
-from perf_pipeline.report.markdown import incident_table, markdown_table
+from perf_pipeline.report.markdown import (
+    anomaly_table,
+    cause_table,
+    configuration_table,
+    correlation_table,
+    incident_table,
+    outlier_node_table,
+    trend_table,
+)
 
 
 class UsageError(ValueError):
@@ -106,27 +114,31 @@ def _summary() -> None:
     paths = paths_from_env()
     with open_warehouse(paths.database, read_only=True) as wh:
         counts = wh.table_counts()
-        degrading = wh.top_trends(direction="degrading", limit=10)
-        incidents = wh.top_incidents(limit=10)
+        sections = [
+            ("What is getting worse (significant degrading trends, change over the window):",
+             wh.top_trends(direction="degrading", limit=10), trend_table,
+             "No significant degrading trend."),
+            ("What changed for the worse, and where it started (change-point incidents):",
+             wh.top_incidents(limit=10), incident_table, "No regression incident."),
+            ("Why, most likely (the top suspected cause of each regression, with evidence):",
+             wh.top_causes(limit=10), cause_table, "No regression to explain."),
+            ("Odd single values (spikes, dips, short bursts):",
+             wh.top_anomalies(limit=10), anomaly_table, "No anomaly."),
+            ("Nodes that stand out from the fleet (node-days whose health metrics are outliers):",
+             wh.outlier_nodes(limit=10), outlier_node_table, "No outlier node."),
+            ("Metrics that move together (strong, significant correlations):",
+             wh.flagged_correlations(limit=10), correlation_table, "No strong correlation."),
+            ("Configurations that shift a metric (large, significant effects):",
+             wh.flagged_configuration_effects(limit=10), configuration_table,
+             "No large configuration effect."),
+        ]
     print()
     print(f"rows stored: {counts['performance_metrics']:,}   quarantined: "
           f"{counts['quarantined_metrics']:,}   normalized points: "
           f"{counts['normalized_timeseries']:,}   series analysed: {counts['trend_stats']:,}")
-    print()
-    if len(degrading):
-        print("What is getting worse (significant degrading trends, change over the window):")
-        print(markdown_table(
-            ["scope", "metric", "test", "node", "% per week", "% over window", "p (BH)"],
-            degrading[["scope", "metric_name", "test_name", "node_id", "change_rate_percent",
-                       "change_over_window_percent", "p_value_adjusted"]].itertuples(index=False)))
-    else:
-        print("No significant degrading trend.")
-    print()
-    if len(incidents):
-        print("What changed for the worse, and where it started (change-point incidents):")
-        print(incident_table(incidents))
-    else:
-        print("No regression incident.")
+    for title, rows, table, empty in sections:
+        print()
+        print(f"{title}\n{table(rows)}" if len(rows) else empty)
     print()
     print(f"database: {paths.database}")
     print("explore:  dagster dev   (then open http://127.0.0.1:3000, asset groups ingest → analysis)")

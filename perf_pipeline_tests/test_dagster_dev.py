@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from perf_pipeline_tests.test_definitions import ANALYSIS_ASSETS
+
 ROOT = Path(__file__).resolve().parents[1]
 QUERY = ("{ assetNodes { assetKey { path } groupName } workspaceOrError { ... on Workspace "
          "{ locationEntries { name locationOrLoadError { __typename } } } } }")
@@ -58,8 +60,7 @@ def test_dagster_dev_loads_the_code_location_with_assets_in_groups(tmp_path):
         assert location["locationOrLoadError"]["__typename"] == "RepositoryLocation"
         groups = {tuple(a["assetKey"]["path"]): a["groupName"] for a in data["assetNodes"]}
         assert groups == {("raw_metrics",): "ingest", ("normalized_timeseries",): "normalize",
-                          ("trend_stats",): "analysis", ("change_points",): "analysis",
-                          ("seasonal_profiles",): "analysis"}
+                          **{(name,): "analysis" for name in ANALYSIS_ASSETS}}
     finally:
         os.killpg(process.pid, signal.SIGTERM)
         try:

@@ -4,6 +4,9 @@ import dagster as dg
 
 from perf_pipeline.definitions import defs
 
+ANALYSIS_ASSETS = ("trend_stats", "change_points", "seasonal_profiles", "anomalies",
+                   "metric_correlations", "regression_causes")
+
 
 def test_definitions_validate():
     dg.Definitions.validate_loadable(defs)
@@ -11,20 +14,19 @@ def test_definitions_validate():
 
 def test_jobs_and_assets_exist_in_their_groups():
     assert defs.resolve_job_def("daily_ingest_job")
-    assert defs.resolve_job_def("analysis_job")
+    analysis = defs.resolve_job_def("analysis_job")
+    assert {key.to_user_string() for key in analysis.asset_layer.executable_asset_keys} == set(ANALYSIS_ASSETS)
     graph = defs.resolve_asset_graph()
     groups = {key.to_user_string(): graph.get(key).group_name for key in graph.get_all_asset_keys()}
     assert groups == {"raw_metrics": "ingest", "normalized_timeseries": "normalize",
-                      "trend_stats": "analysis", "change_points": "analysis",
-                      "seasonal_profiles": "analysis"}
+                      **{name: "analysis" for name in ANALYSIS_ASSETS}}
 
 
 def test_writers_share_the_duckdb_pool_and_carry_descriptions():
     for assets_def in defs.resolve_all_asset_specs():
         assert assets_def.description, assets_def.key
         assert "duckdb" in assets_def.kinds
-    for key in ("raw_metrics", "normalized_timeseries", "trend_stats", "change_points",
-                "seasonal_profiles"):
+    for key in ("raw_metrics", "normalized_timeseries", *ANALYSIS_ASSETS):
         node = defs.resolve_assets_def(key).node_def
         assert node.pool == "duckdb", key
 

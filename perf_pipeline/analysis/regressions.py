@@ -35,18 +35,27 @@ def build_series(points: pd.DataFrame) -> pd.DataFrame:
 
     `points` has timestamp, metric_name, test_name, node_id, value, test_run_id, ci_job_id,
     commit_sha, metric_scope ("test" | "node" | "run") and direction. Returns the rows again
-    with `scope` ("test" | "node" | "overall") and the value to analyse, `level`.
+    with `scope` ("test" | "node" | "overall"), the value to analyse, `level`, the node
+    each point ran on, `run_node_id` (a test's series spans nodes: its `node_id` is empty),
+    and for per-test metrics the plain ratio to the test's median, `relative`.
     """
+    points = points.assign(run_node_id=points["node_id"])
     per_test = points[points["metric_scope"] == "test"]
     base = per_test.groupby(["metric_name", "test_name"])["value"].transform("median")
     relative = per_test["value"] / base.where(base > 0)
+    per_test = per_test.assign(relative=relative)
     # A test's runs land on different nodes; dividing by each node's typical speed for the
     # metric keeps a slow node's runs from looking like a change in the test.
     node_speed = relative.groupby([per_test["metric_name"], per_test["node_id"]]).transform("median")
+    # A node is judged against the other nodes of the same run: the fleet's daily load
+    # cycle and a code change reach every node alike and cancel; a node problem does not.
+    run_level = relative.groupby([per_test["metric_name"], per_test["test_run_id"]]).transform("median")
     frames = [
         per_test.assign(scope="test", node_id=None,
                         level=per_test["value"] / node_speed.where(node_speed > 0).fillna(1.0)),
-        per_test.assign(scope="node", test_name=None, level=relative).dropna(subset=["level"]),
+        per_test.assign(scope="node", test_name=None,
+                        level=relative / run_level.where(run_level > 0).fillna(1.0))
+        .dropna(subset=["level"]),
         points[points["metric_scope"] == "node"].assign(scope="node", level=lambda f: f["value"]),
         points[points["metric_scope"] == "run"].assign(scope="overall", test_name=None, node_id=None,
                                                       level=lambda f: f["value"]),
@@ -89,36 +98,65 @@ def series_change_points(series: pd.DataFrame, *,
     return pd.DataFrame(rows, columns=CHANGE_COLUMNS)
 
 
-def common_run(members: pd.DataFrame, series: pd.DataFrame, *, reach: int = 6) -> pd.Series:
-    """The run where a code change most likely starts for all its tests at once.
+# A boundary is plausible while it costs at most this many units of the noise's mean
+# absolute deviation more than the best one: a Laplace log-likelihood within 3 of its
+# maximum (measured on simulated fleets: the true run inside the range in every case).
+PLAUSIBLE_COST = 3.0
 
-    Each test alone can mislocate a step by a run or two when noisy runs sit next to it;
-    a code change starts at the same run for all of them, so the boundary is chosen to
-    minimise the summed absolute deviations (log levels) of every member series."""
+
+def _boundary_costs(members: pd.DataFrame, series: pd.DataFrame, reach: int
+                    ) -> tuple[pd.DataFrame, pd.Series, float]:
+    """(the member series' points, the joint cost of each candidate boundary, the noise's
+    mean absolute deviation at the best boundary)."""
     frames = []
     for _, change in members.iterrows():
         frame = series[(series["scope"] == "test") & (series["metric_name"] == change["metric_name"])
                        & (series["test_name"] == change["test_name"])].sort_values("timestamp")
         frames.append(frame)
     times = sorted(set().union(*[set(f["timestamp"]) for f in frames]))
-    first = members["timestamp"].min()
-    last = members["timestamp"].max()
-    candidates = [t for t in times if first - pd.Timedelta(hours=reach) <= t <= last + pd.Timedelta(hours=reach)]
+    first = members["timestamp"].min() - pd.Timedelta(hours=reach)
+    last = members["timestamp"].max() + pd.Timedelta(hours=reach)
+    candidates = [t for t in times if first <= t <= last]
+    logs = [(f["timestamp"].to_numpy(), np.log(f["level"].clip(lower=1e-12).to_numpy())) for f in frames]
 
     def cost(boundary) -> float:
         total = 0.0
-        for frame in frames:
-            level = np.log(frame["level"].clip(lower=1e-12).to_numpy())
-            split = int(np.searchsorted(frame["timestamp"].to_numpy(), np.datetime64(boundary)))
+        for stamps, level in logs:
+            split = int(np.searchsorted(stamps, np.datetime64(boundary)))
             left, right = level[:split], level[split:]
             if len(left) == 0 or len(right) == 0:
                 return np.inf
             total += np.abs(left - np.median(left)).sum() + np.abs(right - np.median(right)).sum()
         return total
 
-    boundary = min(candidates, key=cost) if candidates else first
-    at = pd.concat(frames)
-    return at[at["timestamp"] >= boundary].sort_values("timestamp").iloc[0]
+    costs = pd.Series({t: cost(t) for t in candidates}, dtype=float)
+    points = sum(len(level) for _, level in logs)
+    spread = float(costs.min()) / points if len(costs) and np.isfinite(costs.min()) and points else 0.0
+    return pd.concat(frames), costs, spread
+
+
+def common_run(members: pd.DataFrame, series: pd.DataFrame, *, reach: int = 6) -> pd.Series:
+    """The run where a code change most likely starts for all its tests at once.
+
+    Each test alone can mislocate a step by a run or two when noisy runs sit next to it;
+    a code change starts at the same run for all of them, so the boundary is chosen to
+    minimise the summed absolute deviations (log levels) of every member series."""
+    points, costs, _ = _boundary_costs(members, series, reach)
+    boundary = costs.idxmin() if len(costs) and np.isfinite(costs.min()) else members["timestamp"].min()
+    return points[points["timestamp"] >= boundary].sort_values("timestamp").iloc[0]
+
+
+def plausible_start(members: pd.DataFrame, series: pd.DataFrame, *, reach: int = 6
+                    ) -> tuple[pd.Timestamp, pd.Timestamp]:
+    """The earliest and latest first run of a code change that the data cannot tell apart
+    from the best one (joint cost within PLAUSIBLE_COST mean absolute deviations)."""
+    _, costs, spread = _boundary_costs(members, series, reach)
+    finite = costs[np.isfinite(costs)]
+    if finite.empty:
+        at = members["timestamp"].min()
+        return at, at
+    plausible = finite[finite <= finite.min() + PLAUSIBLE_COST * spread].index
+    return plausible.min(), plausible.max()
 
 
 def group_incidents(changes: pd.DataFrame, series: pd.DataFrame | None = None, *,

@@ -23,3 +23,13 @@ def ar1_variance_inflation(rho: float) -> float:
     statistic: (1 + rho) / (1 - rho), the effective-sample-size correction of AR(1)."""
     rho = min(max(rho, 0.0), 0.9)
     return (1 + rho) / (1 - rho)
+
+
+def mostly_one_value(values: np.ndarray, share: float = 0.5) -> bool:
+    """Whether `share` or more of the values are one and the same: counts of rare events,
+    pass rates stuck at 100%. Their MAD is zero, so robust scores mean nothing there."""
+    values = values[np.isfinite(values)]
+    if len(values) == 0:
+        return True
+    _, counts = np.unique(values, return_counts=True)
+    return counts.max() >= share * len(values)

@@ -1,16 +1,29 @@
-"""Analysis over the rolling window: trend_stats, change_points, seasonal_profiles."""
+"""Analysis over the rolling window: trend_stats, change_points, seasonal_profiles,
+anomalies, metric_correlations and regression_causes."""
 
 from datetime import datetime, timedelta, timezone
 
 import dagster as dg
 
+from perf_pipeline.analysis import correlations
+from perf_pipeline.analysis.anomalies import fleet_anomalies, node_day_features, node_health_outliers
+from perf_pipeline.analysis.causes import suspected_causes
 from perf_pipeline.analysis.change_points import DEFAULT_SETTINGS, DetectorSettings
 from perf_pipeline.analysis.regressions import build_series, group_incidents, series_change_points
 from perf_pipeline.analysis.seasonality import seasonal_profiles as decompose_profiles
 from perf_pipeline.analysis.trends import compute_trend_stats
 from perf_pipeline.config import TrendSettings
 from perf_pipeline.defs.resources import WarehouseResource
-from perf_pipeline.report.markdown import incident_table, markdown_table
+from perf_pipeline.report.markdown import (
+    anomaly_table,
+    cause_table,
+    configuration_table,
+    correlation_table,
+    incident_table,
+    markdown_table,
+    outlier_node_table,
+    trend_table,
+)
 from perf_pipeline.storage.warehouse import Warehouse
 
 _TRENDS = TrendSettings()
@@ -25,6 +38,12 @@ class TrendConfig(WindowConfig):
     alpha: float = _TRENDS.alpha
     min_change_percent: float = _TRENDS.min_change_percent
     min_days: int = _TRENDS.min_days
+
+
+class AnomalyConfig(WindowConfig):
+    threshold: float = 6.0  # robust σ from the rolling median
+    window_points: int = 25  # rolling median window, in points
+    max_burst: int = 3  # longer runs of odd values are level changes, not anomalies
 
 
 class ChangePointConfig(WindowConfig):
@@ -75,11 +94,8 @@ def trend_stats(context: dg.AssetExecutionContext, config: TrendConfig,
         "degrading": dg.MetadataValue.int(int(counts.get("degrading", 0))),
         "improving": dg.MetadataValue.int(int(counts.get("improving", 0))),
         "window": dg.MetadataValue.text(f"{window_start:%Y-%m-%d %H:%M} → {window_end:%Y-%m-%d %H:%M} UTC"),
-        "top_degrading": dg.MetadataValue.md(markdown_table(
-            ["scope", "metric", "test", "node", "%/week", "% over window", "p (BH)"],
-            degrading[["scope", "metric_name", "test_name", "node_id", "change_rate_percent",
-                       "change_over_window_percent", "p_value_adjusted"]].itertuples(index=False))
-            if len(degrading) else "no significant degrading trend"),
+        "top_degrading": dg.MetadataValue.md(
+            trend_table(degrading) if len(degrading) else "no significant degrading trend"),
     })
 
 
@@ -114,8 +130,6 @@ def change_points(context: dg.AssetExecutionContext, config: ChangePointConfig,
     })
 
 
-
-
 @dg.asset(
     deps=["normalized_timeseries"],
     pool="duckdb",
@@ -137,4 +151,101 @@ def seasonal_profiles(context: dg.AssetExecutionContext, config: WindowConfig,
         "strongest_fleet_cycles": dg.MetadataValue.md(markdown_table(
             ["metric", "cycle", "strength", "peak to trough"], strongest.itertuples(index=False))
             if len(strongest) else "not enough hourly data yet"),
+    })
+
+
+@dg.asset(
+    deps=["normalized_timeseries"],
+    pool="duckdb",
+    group_name="analysis",
+    kinds={"duckdb", "scikitlearn"},
+    description="Spikes, dips and short bursts of every series (robust z from the rolling "
+                "median and MAD), and node-days whose health metrics set them apart from the "
+                "fleet (isolation forest; table node_health).",
+)
+def anomalies(context: dg.AssetExecutionContext, config: AnomalyConfig,
+              warehouse: WarehouseResource) -> dg.MaterializeResult:
+    if config.threshold <= 0 or config.window_points < 5 or config.max_burst < 1:
+        raise dg.Failure("anomalies config: threshold must be > 0, window_points >= 5, max_burst >= 1")
+    computed_at = _now()
+    with warehouse.open() as wh:
+        window_start, window_end = _window(context, config, wh)
+        series = build_series(wh.window_points(window_start, window_end))
+        found, skipped = fleet_anomalies(series, threshold=config.threshold,
+                                         window=config.window_points, max_burst=config.max_burst)
+        features = node_day_features(series)
+        health = node_health_outliers(
+            features, features=[c for c in features.columns if c not in ("node_id", "day")])
+        wh.replace_table("anomalies", found.assign(computed_at=computed_at))
+        wh.replace_table("node_health", health.assign(computed_at=computed_at, day=health["day"].dt.date))
+        top = wh.top_anomalies(limit=15)
+        outliers = wh.outlier_nodes(limit=10)
+    return dg.MaterializeResult(metadata={
+        "anomalies": dg.MetadataValue.int(len(found)),
+        "series_skipped_mostly_one_value": dg.MetadataValue.int(skipped),
+        "outlier_node_days": dg.MetadataValue.int(int(health["is_outlier"].sum())),
+        "top_anomalies": dg.MetadataValue.md(anomaly_table(top) if len(top) else "no anomaly"),
+        "outlier_nodes": dg.MetadataValue.md(
+            outlier_node_table(outliers) if len(outliers) else "no outlier node"),
+    })
+
+
+@dg.asset(
+    deps=["normalized_timeseries"],
+    pool="duckdb",
+    group_name="analysis",
+    kinds={"duckdb"},
+    description="Pearson and Spearman correlations of every metric pair per node-hour and per "
+                "run (BH-adjusted, strong ones flagged), and metric differences between node "
+                "types, test types and context values (table configuration_effects).",
+)
+def metric_correlations(context: dg.AssetExecutionContext, config: WindowConfig,
+                        warehouse: WarehouseResource) -> dg.MaterializeResult:
+    computed_at = _now()
+    with warehouse.open() as wh:
+        window_start, window_end = _window(context, config, wh)
+        series = build_series(wh.window_points(window_start, window_end))
+        pairs = correlations.metric_correlations(series)
+        effects = correlations.configuration_effects(
+            series, correlations.flatten_contexts(wh.run_contexts(window_start, window_end)))
+        wh.replace_table("metric_correlations", pairs.assign(computed_at=computed_at))
+        wh.replace_table("configuration_effects", effects.assign(computed_at=computed_at))
+        strongest = wh.flagged_correlations(limit=15)
+        largest = wh.flagged_configuration_effects(limit=15)
+    return dg.MaterializeResult(metadata={
+        "pairs": dg.MetadataValue.int(len(pairs)),
+        "flagged_pairs": dg.MetadataValue.int(int(pairs["flagged"].sum())),
+        "flagged_configuration_effects": dg.MetadataValue.int(int(effects["flagged"].sum())),
+        "strongest_correlations": dg.MetadataValue.md(
+            correlation_table(strongest) if len(strongest) else "no strong correlation"),
+        "configuration_effects": dg.MetadataValue.md(
+            configuration_table(largest) if len(largest) else "no large configuration effect"),
+    })
+
+
+@dg.asset(
+    deps=["change_points", "metric_correlations"],
+    pool="duckdb",
+    group_name="analysis",
+    kinds={"duckdb"},
+    description="Suspected causes of every regression incident, ranked, with evidence: "
+                "context values new since the change, the commit range to bisect, the node, "
+                "metrics that moved at the same time.",
+)
+def regression_causes(context: dg.AssetExecutionContext, config: WindowConfig,
+                      warehouse: WarehouseResource) -> dg.MaterializeResult:
+    with warehouse.open() as wh:
+        window_start, window_end = _window(context, config, wh)
+        series = build_series(wh.window_points(window_start, window_end))
+        incidents, changes = wh.incidents_and_changes()
+        causes = suspected_causes(
+            incidents, changes, series,
+            correlations.flatten_contexts(wh.run_contexts(window_start, window_end)),
+            wh.correlations())
+        wh.replace_table("regression_causes", causes.assign(computed_at=_now()))
+        top = wh.top_causes(limit=15)
+    return dg.MaterializeResult(metadata={
+        "regression_incidents": dg.MetadataValue.int(int((incidents["kind"] != "improvement").sum())),
+        "causes": dg.MetadataValue.int(len(causes)),
+        "most_likely_causes": dg.MetadataValue.md(cause_table(top) if len(top) else "no regression"),
     })

@@ -124,7 +124,7 @@ def run_pipeline(paths: Paths, *, days: list[date] | None = None,
             report.run_ids.append(_execute(
                 ingest_job, instance, run_config=_QUIET_LOGS,
                 tags={RANGE_START_TAG: first.isoformat(), RANGE_END_TAG: last.isoformat()}))
-        progress("analysing the window: trend_stats, change_points, seasonal_profiles")
+        progress("analysing the window: every asset of the analysis group")
         window = {"window_days": trend_config["window_days"]} if trend_config and "window_days" in trend_config else {}
         run_config = {**_QUIET_LOGS, "ops": {"trend_stats": {"config": trend_config or {}},
                                              "change_points": {"config": window},

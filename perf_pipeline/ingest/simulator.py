@@ -6,7 +6,7 @@ metrics. Node load follows a daily and a weekly cycle with AR(1) noise; CPU, loa
 and disk I/O move together, and test durations follow their node's load. On top of that
 the simulator injects, from the seed's random stream: step regressions and an improvement
 at chosen runs (code changes), a node whose tests all become slower at a chosen time (a
-node problem), a slowly degrading node, a noisy node, a node with a slower baseline, and
+node problem, when its runner image is upgraded), a slowly degrading node, a noisy node, a node with a slower baseline, and
 single-point spikes. `truth.json` records all of it.
 
 `affected_series` in truth.json lists the series whose level changes over time (steps,
@@ -35,10 +35,14 @@ _BASE_DURATION_S = {"unit": 0.2, "integration": 2.0, "e2e": 20.0, "performance":
 _PEAK_MEMORY_MB = {"unit": 120.0, "integration": 300.0, "e2e": 800.0, "performance": 500.0}
 _TEST_NOISE = 0.08  # log-normal sigma of a test's duration on a quiet node
 _NOISY_FACTOR = 3.5
+# Test durations grow by this share per CPU percentage point of their node's load: a test
+# on a node at 65% CPU takes about 20% longer than at 45%, as on a contended CI runner.
+LOAD_SENSITIVITY = 0.01
 TREND_METRICS = ("memory_usage", "memory_utilization", "node_error_rate", "node_failure_rate",
                  "node_responsiveness")
 SPIKE_METRICS = ("memory_usage", "node_responsiveness", "disk_io_read", "load_average",
                  "test_execution_time")
+OLD_RUNNER_IMAGE, NEW_RUNNER_IMAGE = "runner-2026.10", "runner-2026.11"
 CORRELATED_PAIRS = (("cpu_usage", "load_average"), ("cpu_usage", "memory_utilization"),
                     ("cpu_usage", "disk_io_read"), ("cpu_usage", "test_execution_time"))
 
@@ -173,7 +177,7 @@ def simulate_fleet(out_dir: str | Path, *, days: int = 30, nodes: int = 20, test
     run_hour = np.clip(((run_times - pd.Timestamp(start)) / pd.Timedelta(hours=1)).astype(int), 0, hours - 1)
     node_cpu = cpu[assignment, run_hour.to_numpy()[:, None]]
     test_noise = rng.normal(0, 1, (n_runs, tests)) * _TEST_NOISE * noise_scale[assignment]
-    duration = (base_duration[None, :] * speed[assignment] * (1 + 0.004 * (node_cpu - 45))
+    duration = (base_duration[None, :] * speed[assignment] * (1 + LOAD_SENSITIVITY * (node_cpu - 45))
                 * np.exp(test_noise))
 
     def pick_run(low: float, high: float) -> int:
@@ -211,7 +215,8 @@ def simulate_fleet(out_dir: str | Path, *, days: int = 30, nodes: int = 20, test
         "metric_name": "test_execution_time", "node_id": node_ids[stepped],
         "timestamp": run_times[node_step_run].isoformat() + "Z",
         "test_run_id": run_ids[node_step_run], "ci_job_id": job_ids[node_step_run],
-        "commit": commits[node_step_run], "magnitude_percent": round(100 * (node_step_factor - 1), 1)})
+        "commit": commits[node_step_run], "magnitude_percent": round(100 * (node_step_factor - 1), 1),
+        "context_change": {"runner_image": [OLD_RUNNER_IMAGE, NEW_RUNNER_IMAGE]}})
     affected.add(("test_execution_time", None, node_ids[stepped]))
     affected.update(("test_execution_time", t, None) for t in test_names)
     # a run's throughput follows its test durations, so the steps move it too
@@ -260,6 +265,15 @@ def simulate_fleet(out_dir: str | Path, *, days: int = 30, nodes: int = 20, test
     frames = []
     run_context = [{"commit": c, "branch": "main", "python_version": "3.11", "workers": 4}
                    for c in commits]
+    # The stepped node's runner image is upgraded when its tests slow down: the context
+    # change that regression analysis must name as the suspected cause.
+    runner_image = np.full((nodes, n_runs), OLD_RUNNER_IMAGE, dtype=object)
+    runner_image[stepped, node_step_run:] = NEW_RUNNER_IMAGE
+    test_context = [{**run_context[r], "runner_image": runner_image[assignment[r, t], r]}
+                    for r in range(n_runs) for t in range(tests)]
+    node_run = np.clip(np.searchsorted(run_times, hour_times, side="right") - 1, 0, n_runs - 1)
+    node_context = [{"os": node_types[n], "runner_image": runner_image[n, node_run[h]]}
+                    for n in range(nodes) for h in range(hours)]
     test_offsets = pd.to_timedelta(np.arange(tests) * 2.0, unit="s")
     test_times = run_times.to_numpy()[:, None] + test_offsets.to_numpy()[None, :]
     test_iso = _iso(pd.DatetimeIndex(test_times.ravel())).reshape(n_runs, tests)
@@ -270,8 +284,7 @@ def simulate_fleet(out_dir: str | Path, *, days: int = 30, nodes: int = 20, test
             "node_id": np.array(node_ids)[assignment.ravel()],
             "node_type": node_types[assignment.ravel()],
             "test_run_id": np.repeat(run_ids, tests), "ci_job_id": np.repeat(job_ids, tests),
-            "context_data": np.repeat(np.array(run_context, dtype=object), tests),
-            "sort_key": test_times.ravel()}))
+            "context_data": test_context, "sort_key": test_times.ravel()}))
     sample_times = hour_times + pd.to_timedelta(rng.integers(0, 60, hours), unit="s")
     sample_iso = _iso(sample_times)
     for name, values in node_metric_values.items():
@@ -280,7 +293,7 @@ def simulate_fleet(out_dir: str | Path, *, days: int = 30, nodes: int = 20, test
             "metric_value": values.ravel(), "test_name": None, "test_type": None,
             "node_id": np.repeat(node_ids, hours), "node_type": np.repeat(node_types, hours),
             "test_run_id": None, "ci_job_id": None,
-            "context_data": [{"os": node_types[i]} for i in np.repeat(np.arange(nodes), hours)],
+            "context_data": node_context,
             "sort_key": np.tile(sample_times.to_numpy(), nodes)}))
     build_node = rng.integers(0, nodes, n_runs)
     queue = rng.poisson(3 + 3 * _load_shape(run_times))

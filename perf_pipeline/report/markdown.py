@@ -32,3 +32,43 @@ def incident_table(incidents) -> str:
         (r.attribution, r.kind, text(r.first_test_run_id), text(r.first_commit)[:10],
          text(r.node_id), ", ".join(r.metrics), len(r.tests), r.worst_magnitude_percent)
         for r in incidents.itertuples(index=False)])
+
+
+def trend_table(trends) -> str:
+    """`Warehouse.top_trends` rows."""
+    return markdown_table(
+        ["scope", "metric", "test", "node", "% per week", "% over window", "p (BH)"],
+        trends[["scope", "metric_name", "test_name", "node_id", "change_rate_percent",
+                "change_over_window_percent", "p_value_adjusted"]].itertuples(index=False))
+
+
+def anomaly_table(anomalies) -> str:
+    """`Warehouse.top_anomalies` rows."""
+    return markdown_table(["scope", "metric", "test", "node", "at", "kind", "score", "reason"],
+                          anomalies.itertuples(index=False))
+
+
+def outlier_node_table(nodes) -> str:
+    """`Warehouse.outlier_nodes` rows."""
+    return markdown_table(["node", "outlier days", "first", "last", "worst score", "worst day's reason"],
+                          nodes.itertuples(index=False))
+
+
+def correlation_table(pairs) -> str:
+    """`Warehouse.flagged_correlations` rows."""
+    return markdown_table(["grain", "metric", "metric", "Pearson r", "Spearman ρ", "q", "n"],
+                          pairs.itertuples(index=False))
+
+
+def configuration_table(effects) -> str:
+    """`Warehouse.flagged_configuration_effects` rows."""
+    return markdown_table(["metric", "factor", "|Cliff's δ|", "q", "medians by group"],
+                          effects.itertuples(index=False))
+
+
+def cause_table(causes) -> str:
+    """`Warehouse.top_causes` rows: the most likely cause of each worst incident."""
+    return markdown_table(
+        ["attribution", "at", "node", "metrics", "cause type", "cause", "score", "evidence"],
+        [(r.attribution, r.timestamp, r.node_id, ", ".join(r.metrics), r.cause_type, r.cause,
+          r.score, r.evidence) for r in causes.itertuples(index=False)])

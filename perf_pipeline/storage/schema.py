@@ -207,6 +207,76 @@ MIGRATIONS: tuple[tuple[int, str, tuple[str, ...]], ...] = (
         )
         """,
     )),
+    (4, "anomalies, node health, correlations, configuration effects, regression causes", (
+        """
+        CREATE TABLE anomalies (
+            computed_at TIMESTAMP NOT NULL,
+            scope VARCHAR NOT NULL,
+            metric_name VARCHAR NOT NULL,
+            test_name VARCHAR,
+            node_id VARCHAR,
+            timestamp TIMESTAMP NOT NULL,
+            end_timestamp TIMESTAMP NOT NULL,
+            test_run_id VARCHAR,
+            kind VARCHAR NOT NULL,
+            score DOUBLE NOT NULL,
+            value DOUBLE NOT NULL,
+            expected DOUBLE,
+            reason VARCHAR NOT NULL
+        )
+        """,
+        """
+        CREATE TABLE node_health (
+            computed_at TIMESTAMP NOT NULL,
+            node_id VARCHAR NOT NULL,
+            day DATE NOT NULL,
+            outlier_score DOUBLE,
+            is_outlier BOOLEAN NOT NULL,
+            reason VARCHAR
+        )
+        """,
+        """
+        CREATE TABLE metric_correlations (
+            computed_at TIMESTAMP NOT NULL,
+            grain VARCHAR NOT NULL,
+            metric_a VARCHAR NOT NULL,
+            metric_b VARCHAR NOT NULL,
+            n BIGINT NOT NULL,
+            pearson_r DOUBLE NOT NULL,
+            pearson_p DOUBLE NOT NULL,
+            spearman_rho DOUBLE NOT NULL,
+            spearman_p DOUBLE NOT NULL,
+            q_value DOUBLE NOT NULL,
+            flagged BOOLEAN NOT NULL
+        )
+        """,
+        """
+        CREATE TABLE configuration_effects (
+            computed_at TIMESTAMP NOT NULL,
+            metric_name VARCHAR NOT NULL,
+            factor VARCHAR NOT NULL,
+            groups INTEGER NOT NULL,
+            n BIGINT NOT NULL,
+            statistic DOUBLE NOT NULL,
+            p_value DOUBLE NOT NULL,
+            q_value DOUBLE NOT NULL,
+            effect_size DOUBLE NOT NULL,
+            flagged BOOLEAN NOT NULL,
+            detail VARCHAR NOT NULL
+        )
+        """,
+        """
+        CREATE TABLE regression_causes (
+            computed_at TIMESTAMP NOT NULL,
+            incident_id VARCHAR NOT NULL,
+            rank INTEGER NOT NULL,
+            cause_type VARCHAR NOT NULL,
+            cause VARCHAR NOT NULL,
+            score DOUBLE NOT NULL,
+            evidence VARCHAR NOT NULL
+        )
+        """,
+    )),
 )
 
 LATEST_VERSION = MIGRATIONS[-1][0]

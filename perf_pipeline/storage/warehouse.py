@@ -167,7 +167,8 @@ ORDER BY 1
 # Tables whose content is written whole by an analysis asset or counted for reports.
 TABLES = ("performance_metrics", "quarantined_metrics", "ingested_files", "normalized_timeseries",
           "metric_rollups_hourly", "trend_stats", "change_points", "change_incidents",
-          "seasonal_profiles")
+          "seasonal_profiles", "anomalies", "node_health", "metric_correlations",
+          "configuration_effects", "regression_causes")
 _COUNT_SQL = {t: f"SELECT count(*) FROM {t}" for t in TABLES}
 _CLEAR_SQL = {t: f"DELETE FROM {t}" for t in TABLES}
 _INSERT_ALL_SQL = {t: f"INSERT INTO {t} SELECT * FROM replacement" for t in TABLES}
@@ -430,11 +431,22 @@ class Warehouse:
     def window_points(self, window_start: datetime, window_end: datetime) -> pd.DataFrame:
         """Every normalized point of the window with its metric's scope and direction."""
         return self.con.execute("""
-            SELECT n.timestamp, n.metric_name, n.test_name, n.node_id, n.value, n.test_run_id,
-                   n.ci_job_id, n.commit_sha, c.scope AS metric_scope, c.direction
+            SELECT n.timestamp, n.metric_name, n.test_name, n.test_type, n.node_id, n.node_type,
+                   n.value, n.test_run_id, n.ci_job_id, n.commit_sha, c.scope AS metric_scope,
+                   c.direction
             FROM normalized_timeseries n JOIN metric_catalog c USING (metric_name)
             WHERE n.timestamp > ? AND n.timestamp <= ?
             ORDER BY n.timestamp
+        """, [window_start, window_end]).df()
+
+    def run_contexts(self, window_start: datetime, window_end: datetime) -> pd.DataFrame:
+        """The context_data each run reported on each node in the window: one row per
+        (test_run_id, node_id, context) as JSON text, for comparing configurations."""
+        return self.con.execute("""
+            SELECT DISTINCT test_run_id, node_id, CAST(context_data AS VARCHAR) AS context
+            FROM performance_metrics
+            WHERE timestamp > ? AND timestamp <= ? AND test_run_id IS NOT NULL
+                AND context_data IS NOT NULL
         """, [window_start, window_end]).df()
 
     def node_hourly(self, window_start: datetime, window_end: datetime) -> pd.DataFrame:
@@ -460,6 +472,51 @@ class Warehouse:
                    metrics, tests, series, worst_magnitude_percent
             FROM change_incidents WHERE kind <> 'improvement'
             ORDER BY abs(worst_magnitude_percent) * series DESC NULLS LAST LIMIT ?
+        """, [limit]).df()
+
+    def incidents_and_changes(self) -> tuple[pd.DataFrame, pd.DataFrame]:
+        """The change_incidents and change_points the last change_points run stored."""
+        return (self.con.execute("SELECT * EXCLUDE (computed_at) FROM change_incidents").df(),
+                self.con.execute("SELECT * EXCLUDE (computed_at) FROM change_points").df())
+
+    def correlations(self) -> pd.DataFrame:
+        return self.con.execute("SELECT * EXCLUDE (computed_at) FROM metric_correlations").df()
+
+    def top_anomalies(self, *, limit: int = 10) -> pd.DataFrame:
+        return self.con.execute("""
+            SELECT scope, metric_name, test_name, node_id, timestamp, kind, score, reason
+            FROM anomalies ORDER BY score DESC LIMIT ?
+        """, [limit]).df()
+
+    def outlier_nodes(self, *, limit: int = 10) -> pd.DataFrame:
+        """Nodes with outlier days: how many, the first and last, and the worst day's reason."""
+        return self.con.execute("""
+            SELECT node_id, count(*) AS outlier_days, min(day) AS first_day, max(day) AS last_day,
+                   max(outlier_score) AS worst_score, arg_max(reason, outlier_score) AS reason
+            FROM node_health WHERE is_outlier
+            GROUP BY node_id ORDER BY outlier_days DESC, worst_score DESC LIMIT ?
+        """, [limit]).df()
+
+    def flagged_correlations(self, *, limit: int = 10) -> pd.DataFrame:
+        return self.con.execute("""
+            SELECT grain, metric_a, metric_b, pearson_r, spearman_rho, q_value, n
+            FROM metric_correlations WHERE flagged ORDER BY abs(pearson_r) DESC LIMIT ?
+        """, [limit]).df()
+
+    def flagged_configuration_effects(self, *, limit: int = 10) -> pd.DataFrame:
+        return self.con.execute("""
+            SELECT metric_name, factor, effect_size, q_value, detail
+            FROM configuration_effects WHERE flagged ORDER BY effect_size DESC, q_value LIMIT ?
+        """, [limit]).df()
+
+    def top_causes(self, *, limit: int = 10) -> pd.DataFrame:
+        """The most likely cause of each of the worst regression incidents."""
+        return self.con.execute("""
+            SELECT i.attribution, i.timestamp, i.node_id, i.metrics, c.cause_type, c.cause,
+                   c.score, c.evidence
+            FROM regression_causes c JOIN change_incidents i USING (incident_id)
+            WHERE c.rank = 1
+            ORDER BY abs(i.worst_magnitude_percent) * i.series DESC NULLS LAST LIMIT ?
         """, [limit]).df()
 
     def replace_table(self, table: str, frame: pd.DataFrame) -> int:

@@ -6,7 +6,7 @@ import dagster as dg
 import numpy as np
 import pytest
 
-from perf_pipeline.defs.analysis import change_points, trend_stats
+from perf_pipeline.defs.analysis import anomalies, change_points, metric_correlations, regression_causes, trend_stats
 from perf_pipeline.defs.ingest import raw_metrics
 from perf_pipeline.defs.normalize import normalized_timeseries
 from perf_pipeline.defs.resources import warehouse_resource
@@ -18,11 +18,13 @@ from perf_pipeline_tests.conftest import metric_row, write_jsonl
 START = date(2026, 10, 1)
 DAYS = 28
 RUNS_PER_DAY = 6
+SPIKE = (2, 10, 3)  # node, day, run
 
 
 def _fleet_rows(rng: np.random.Generator) -> list[dict]:
     """Two tests on three nodes: `slow` gets 40% slower over the window, `flat` does not;
-    node cpu is flat with a daily cycle; durations come in ms for half the runs."""
+    node cpu is flat with a daily cycle, and node-2's spikes once; durations come in ms for
+    half the runs."""
     rows = []
     for d in range(DAYS):
         for r in range(RUNS_PER_DAY):
@@ -39,6 +41,8 @@ def _fleet_rows(rng: np.random.Generator) -> list[dict]:
                                            node_id=node, run=run))
             for n in (1, 2, 3):
                 cpu = 40 + 10 * np.sin(2 * np.pi * at.hour / 24) + rng.normal(0, 3)
+                if (n, d, r) == SPIKE:
+                    cpu = 95.0
                 rows.append(metric_row(at.isoformat(), "cpu_usage", cpu, test_name=None,
                                        node_id=f"node-{n}", run=None))
     return rows
@@ -130,6 +134,22 @@ def test_a_range_run_then_normalization_and_trends_find_the_known_trend(landed, 
     assert set(per_test.test_name) == {"tests/t.py::slow"}  # the drifting test, not the flat one
     assert set(per_test.kind) == {"regression"}
     assert incidents >= 1
+
+    rest = _materialize([anomalies, metric_correlations, regression_causes], landed, instance)
+    assert rest.success
+    with open_warehouse(landed.database) as wh:
+        odd = wh.con.execute("SELECT metric_name, node_id, timestamp, kind FROM anomalies").df()
+        health = wh.table_counts(["node_health"])["node_health"]
+        pairs = wh.con.execute("SELECT metric_a, metric_b FROM metric_correlations").df()
+        causes = wh.con.execute("SELECT cause_type, evidence FROM regression_causes").df()
+    assert list(zip(odd.metric_name, odd.node_id, odd.kind)) == [("cpu_usage", "node-2", "spike")]
+    assert odd.timestamp.iloc[0] == datetime(2026, 10, 11, 12, 7)
+    assert health == 3 * DAYS
+    assert {"cpu_usage", "test_execution_time"} == set(pairs.metric_a) | set(pairs.metric_b)
+    assert "commit" in set(causes.cause_type)
+    metadata = rest.asset_materializations_for_node("anomalies")[0].metadata
+    assert "node-2" in metadata["top_anomalies"].value
+    assert rest.asset_materializations_for_node("regression_causes")[0].metadata["causes"].value == len(causes)
 
 
 def test_rerunning_a_day_whose_landing_folder_vanished_refuses_to_erase_it(landed, instance):

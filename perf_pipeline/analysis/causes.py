@@ -1,0 +1,205 @@
+"""Suspected causes of each regression, ranked, with the evidence for each.
+
+For every incident that made something worse, the points of its series are split at the
+incident's first run and compared before and after:
+
+- **context** — a context field (runner image, Python version, dependency lock, worker
+  count, any key the runs report in `context_data`) whose value after the change was rare
+  before. Score: the share of runs after carrying the new value minus its share before
+  (1.0: every run switched at the change).
+- **commit** — for a code change, the range of commits to bisect: from the last run
+  before the earliest plausible start of the change to the latest plausible first
+  changed run (`regressions.plausible_start`). Score: the share of nodes that show the shift (a code
+  change slows its tests wherever they run).
+- **node** — for a node problem, the share of the node's tests that slowed (a sick node
+  slows everything it runs) — or, for a code change seen on only one node, that node.
+- **co-moving metric** — another metric's change point at the same time on the same node
+  (or fleet-wide), weighted by how strongly the two metrics correlate.
+
+Scores are in [0, 1] and comparable within an incident; causes are ranked by score.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from perf_pipeline.analysis.regressions import plausible_start
+
+CAUSE_COLUMNS = ["incident_id", "rank", "cause_type", "cause", "score", "evidence"]
+# A context value is new when it was on at most this share of the runs before the change.
+_RARE_BEFORE = 0.1
+_MIN_CONTEXT_SCORE = 0.5
+# Changes of other metrics within this time of the incident moved with it.
+_SAME_TIME = pd.Timedelta(hours=12)
+# A metric that moved at the same time is as often a consequence (throughput falls when
+# tests slow down) as a cause: it ranks below a clean context switch or a commit range
+# seen on most nodes, and rises with how strongly the two metrics correlate.
+_CO_MOVING_BASE = 0.25
+_MIN_POINTS = 2
+_MAX_CAUSES = 5
+
+
+def _incident_points(incident, members: pd.DataFrame, series: pd.DataFrame) -> pd.DataFrame:
+    if incident.attribution == "code_change":
+        keys = set(zip(members["metric_name"], members["test_name"]))
+        scoped = series[series["scope"] == "test"]
+        return scoped[[k in keys for k in zip(scoped["metric_name"], scoped["test_name"])]]
+    if incident.attribution == "node_problem":
+        return series[(series["scope"] == "node") & (series["node_id"] == incident.node_id)
+                      & series["metric_name"].isin(incident.metrics)]
+    return series[(series["scope"] == "overall") & series["metric_name"].isin(incident.metrics)]
+
+
+def _shifted(before: np.ndarray, after: np.ndarray, magnitude: float) -> bool:
+    """Whether a group's median moved at least half the incident's way, in its direction."""
+    if len(before) < _MIN_POINTS or len(after) < _MIN_POINTS:
+        return False
+    low, high = np.median(before), np.median(after)
+    if low <= 0 or high <= 0:
+        return False
+    expected = np.log1p(magnitude / 100)
+    return bool(np.sign(np.log(high / low)) == np.sign(expected)
+                and abs(np.log(high / low)) >= 0.5 * abs(expected))
+
+
+def _spread(points: pd.DataFrame, at: pd.Timestamp, by: str, magnitude: float) -> tuple[list, list]:
+    """(groups that shifted, groups with enough points on both sides), grouping by `by`."""
+    shifted, judged = [], []
+    for key, group in points.groupby(by):
+        before = group.loc[group["timestamp"] < at, "level"].to_numpy()
+        after = group.loc[group["timestamp"] >= at, "level"].to_numpy()
+        if len(before) >= _MIN_POINTS and len(after) >= _MIN_POINTS:
+            judged.append(key)
+            if _shifted(before, after, magnitude):
+                shifted.append(key)
+    return shifted, judged
+
+
+def _context_causes(points: pd.DataFrame, at: pd.Timestamp, contexts: pd.DataFrame) -> list[dict]:
+    runs = points.dropna(subset=["test_run_id"])[["test_run_id", "run_node_id", "timestamp"]]
+    runs = runs.drop_duplicates(["test_run_id", "run_node_id"])
+    labelled = runs.merge(contexts, left_on=["test_run_id", "run_node_id"],
+                          right_on=["test_run_id", "node_id"])
+    causes = []
+    for field, rows in labelled.groupby("field"):
+        before, after = rows[rows["timestamp"] < at], rows[rows["timestamp"] >= at]
+        if len(before) < _MIN_POINTS or len(after) < _MIN_POINTS:
+            continue
+        if rows["value"].nunique() > 0.5 * len(rows):
+            continue  # an identifier (commit, run id): not a configuration
+        share_before = before["value"].value_counts(normalize=True)
+        share_after = after["value"].value_counts(normalize=True)
+        new = share_after.index[[share_before.get(v, 0.0) <= _RARE_BEFORE for v in share_after.index]]
+        if not len(new):
+            continue
+        value = max(new, key=lambda v: share_after[v])
+        score = float(share_after[value] - share_before.get(value, 0.0))
+        if score < _MIN_CONTEXT_SCORE:
+            continue
+        old = share_before.idxmax()
+        causes.append({
+            "cause_type": "context", "cause": f"{field} = {value}", "score": score,
+            "evidence": (f"{field} was {old} on {share_before[old]:.0%} of {len(before)} runs before "
+                         f"and {value} on {share_after[value]:.0%} of {len(after)} runs after")})
+    return causes
+
+
+def _commit_cause(points: pd.DataFrame, members: pd.DataFrame, series: pd.DataFrame,
+                  magnitude: float) -> dict | None:
+    """The commits to bisect: from the last run before the earliest plausible start of the
+    change to the latest plausible first changed run."""
+    earliest, latest = plausible_start(members, series)
+    runs = points.dropna(subset=["test_run_id"]).sort_values("timestamp").drop_duplicates("test_run_id")
+    before, after = runs[runs["timestamp"] < earliest], runs[runs["timestamp"] >= latest]
+    if before.empty or after.empty:
+        return None
+    good, last = before.iloc[-1], after.iloc[0]
+    shifted, judged = _spread(points, pd.Timestamp(members["timestamp"].min()), "run_node_id", magnitude)
+    score = len(shifted) / len(judged) if judged else 0.0
+    return {"cause_type": "commit",
+            "cause": f"{_short(good['commit_sha'])}..{_short(last['commit_sha'])}",
+            "score": float(score),
+            "evidence": (f"bisect after {_short(good['commit_sha'])} ({good['test_run_id']}) up to "
+                         f"{_short(last['commit_sha'])} ({last['test_run_id']}): the first "
+                         f"changed run lies in that range; shifted on {len(shifted)} of "
+                         f"{len(judged)} nodes that ran these tests on both sides")}
+
+
+def _short(commit: object) -> str:
+    return commit[:12] if isinstance(commit, str) else "?"
+
+
+def _node_cause(incident, points: pd.DataFrame, series: pd.DataFrame, at: pd.Timestamp,
+                magnitude: float) -> dict | None:
+    if incident.attribution == "node_problem":
+        runs = series[(series["scope"] == "test") & series["metric_name"].isin(incident.metrics)]
+        runs = runs.assign(level=runs["relative"])
+        on_node = runs["run_node_id"] == incident.node_id
+        shifted, judged = _spread(runs[on_node], at, "test_name", magnitude)
+        if not judged:
+            return None
+        elsewhere, _ = _spread(runs[~on_node & runs["test_name"].isin(judged)], at, "test_name", magnitude)
+        return {"cause_type": "node", "cause": incident.node_id,
+                "score": max(0.0, (len(shifted) - len(elsewhere)) / len(judged)),
+                "evidence": (f"{len(shifted)} of {len(judged)} tests run on {incident.node_id} on "
+                             f"both sides of the change shifted; on the other nodes, "
+                             f"{len(elsewhere)} of them did")}
+    if incident.attribution == "code_change":
+        shifted, judged = _spread(points, at, "run_node_id", magnitude)
+        if len(shifted) == 1 and len(judged) >= 3:
+            return {"cause_type": "node", "cause": shifted[0], "score": 1 - 1 / len(judged),
+                    "evidence": f"only {shifted[0]} of {len(judged)} nodes shows the shift"}
+    return None
+
+
+def _co_moving(incident, members: pd.DataFrame, changes: pd.DataFrame,
+               correlations: pd.DataFrame) -> list[dict]:
+    near = changes[((changes["timestamp"] - incident.timestamp).abs() <= _SAME_TIME)
+                   & ~changes.index.isin(members.index)
+                   & ~changes["metric_name"].isin(incident.metrics)]
+    if incident.attribution == "node_problem":
+        near = near[near["node_id"] == incident.node_id]
+    flagged = correlations[correlations["flagged"]] if len(correlations) else correlations
+    causes = []
+    for metric, rows in near.groupby("metric_name"):
+        strongest = 0.0
+        for own in incident.metrics:
+            pair = flagged[((flagged["metric_a"] == own) & (flagged["metric_b"] == metric))
+                           | ((flagged["metric_a"] == metric) & (flagged["metric_b"] == own))]
+            if len(pair):
+                strongest = max(strongest, float(pair["pearson_r"].abs().max()))
+        change = rows.iloc[int(np.argmax(rows["magnitude_percent"].abs().fillna(0).to_numpy()))]
+        where = f" on {change['node_id']}" if isinstance(change["node_id"], str) else ""
+        magnitude = change["magnitude_percent"]
+        moved = f"{magnitude:+.1f}%" if pd.notna(magnitude) else "changed"
+        correlation = f"; the two correlate (|r| = {strongest:.2f})" if strongest else ""
+        causes.append({"cause_type": "co_moving_metric", "cause": metric,
+                       "score": _CO_MOVING_BASE + 0.5 * strongest,
+                       "evidence": f"{metric}{where} {moved} at {change['timestamp']:%Y-%m-%d %H:%M}"
+                                   f"{correlation}"})
+    return causes
+
+
+def suspected_causes(incidents: pd.DataFrame, changes: pd.DataFrame, series: pd.DataFrame,
+                     contexts: pd.DataFrame, correlations: pd.DataFrame) -> pd.DataFrame:
+    """Ranked suspected causes of every regression incident.
+
+    `changes` and `incidents` come from `group_incidents`, `series` from `build_series`,
+    `contexts` from `correlations.flatten_contexts`, `correlations` from
+    `correlations.metric_correlations`."""
+    rows = []
+    for incident in incidents[incidents["kind"] != "improvement"].itertuples(index=False):
+        members = changes[changes["incident_id"] == incident.incident_id]
+        at = pd.Timestamp(incident.timestamp)
+        magnitude = float(incident.worst_magnitude_percent) if pd.notna(incident.worst_magnitude_percent) else 0.0
+        points = _incident_points(incident, members, series)
+        causes = _context_causes(points, at, contexts)
+        if incident.attribution == "code_change":
+            causes.append(_commit_cause(points, members, series, magnitude))
+        causes.append(_node_cause(incident, points, series, at, magnitude))
+        causes += _co_moving(incident, members, changes, correlations)
+        ranked = sorted((c for c in causes if c is not None), key=lambda c: -c["score"])[:_MAX_CAUSES]
+        rows += [{"incident_id": incident.incident_id, "rank": rank, **cause}
+                 for rank, cause in enumerate(ranked, start=1)]
+    return pd.DataFrame(rows, columns=CAUSE_COLUMNS)

@@ -14,7 +14,8 @@ incident's first run and compared before and after:
 - **node** — for a node problem, the share of the node's tests that slowed (a sick node
   slows everything it runs) — or, for a code change seen on only one node, that node.
 - **co-moving metric** — another metric's change point at the same time on the same node
-  (or fleet-wide), weighted by how strongly the two metrics correlate.
+  (for a node problem) or fleet-wide (per test or per run, for a code change or a CI
+  metric), weighted by how strongly the two metrics correlate.
 
 Scores are in [0, 1] and comparable within an incident; causes are ranked by score.
 """
@@ -160,6 +161,8 @@ def _co_moving(incident, members: pd.DataFrame, changes: pd.DataFrame,
                    & ~changes["metric_name"].isin(incident.metrics)]
     if incident.attribution == "node_problem":
         near = near[near["node_id"] == incident.node_id]
+    else:  # a fleet-wide change is not explained by one node's wobble
+        near = near[near["scope"] != "node"]
     flagged = correlations[correlations["flagged"]] if len(correlations) else correlations
     causes = []
     for metric, rows in near.groupby("metric_name"):

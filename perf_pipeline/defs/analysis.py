@@ -4,6 +4,7 @@ anomalies, metric_correlations and regression_causes."""
 from datetime import datetime, timedelta, timezone
 
 import dagster as dg
+import pandas as pd
 
 from perf_pipeline.analysis import correlations
 from perf_pipeline.analysis.anomalies import fleet_anomalies, node_day_features, node_health_outliers
@@ -68,6 +69,13 @@ def _window(context: dg.AssetExecutionContext, config: WindowConfig,
     return window_end - timedelta(days=config.window_days), window_end
 
 
+def _window_series(context: dg.AssetExecutionContext, config: WindowConfig,
+                   wh: Warehouse) -> tuple[datetime, datetime, pd.DataFrame]:
+    """The window and every series in it, as `regressions.build_series` arranges them."""
+    window_start, window_end = _window(context, config, wh)
+    return window_start, window_end, build_series(wh.window_points(window_start, window_end))
+
+
 @dg.asset(
     deps=["normalized_timeseries"],
     pool="duckdb",
@@ -113,8 +121,7 @@ def change_points(context: dg.AssetExecutionContext, config: ChangePointConfig,
                                 min_effect=config.min_effect)
     computed_at = _now()
     with warehouse.open() as wh:
-        window_start, window_end = _window(context, config, wh)
-        series = build_series(wh.window_points(window_start, window_end))
+        window_start, window_end, series = _window_series(context, config, wh)
         changes, incidents = group_incidents(series_change_points(series, settings=settings), series)
         wh.replace_table("change_points", changes.assign(computed_at=computed_at))
         wh.replace_table("change_incidents", incidents.assign(computed_at=computed_at))
@@ -169,8 +176,7 @@ def anomalies(context: dg.AssetExecutionContext, config: AnomalyConfig,
         raise dg.Failure("anomalies config: threshold must be > 0, window_points >= 5, max_burst >= 1")
     computed_at = _now()
     with warehouse.open() as wh:
-        window_start, window_end = _window(context, config, wh)
-        series = build_series(wh.window_points(window_start, window_end))
+        window_start, window_end, series = _window_series(context, config, wh)
         found, skipped = fleet_anomalies(series, threshold=config.threshold,
                                          window=config.window_points, max_burst=config.max_burst)
         features = node_day_features(series)
@@ -203,8 +209,7 @@ def metric_correlations(context: dg.AssetExecutionContext, config: WindowConfig,
                         warehouse: WarehouseResource) -> dg.MaterializeResult:
     computed_at = _now()
     with warehouse.open() as wh:
-        window_start, window_end = _window(context, config, wh)
-        series = build_series(wh.window_points(window_start, window_end))
+        window_start, window_end, series = _window_series(context, config, wh)
         pairs = correlations.metric_correlations(series)
         effects = correlations.configuration_effects(
             series, correlations.flatten_contexts(wh.run_contexts(window_start, window_end)))
@@ -235,8 +240,7 @@ def metric_correlations(context: dg.AssetExecutionContext, config: WindowConfig,
 def regression_causes(context: dg.AssetExecutionContext, config: WindowConfig,
                       warehouse: WarehouseResource) -> dg.MaterializeResult:
     with warehouse.open() as wh:
-        window_start, window_end = _window(context, config, wh)
-        series = build_series(wh.window_points(window_start, window_end))
+        window_start, window_end, series = _window_series(context, config, wh)
         incidents, changes = wh.incidents_and_changes()
         causes = suspected_causes(
             incidents, changes, series,

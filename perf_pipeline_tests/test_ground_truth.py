@@ -192,14 +192,19 @@ def test_regression_causes_name_the_image_and_the_commit_range(tmp_path_factory,
     assert old in on_node.evidence.iloc[0]
 
     for step in (i for i in truth["injections"] if i["kind"] == "step" and i["direction"] == "regression"):
-        incident = incidents[(incidents.attribution == "code_change")
-                             & incidents.tests.map(lambda tests: bool(set(tests) & set(step["test_names"])))]
-        assert len(incident) == 1, step
-        commit = causes[(causes.incident_id == incident.incident_id.iloc[0]) & (causes.cause_type == "commit")]
-        assert len(commit) == 1
-        good, last = re.findall(r"run-\d+", commit.evidence.iloc[0])[:2]
-        assert run_number(good) < run_number(step["test_run_id"]) <= run_number(last), (
-            step["test_run_id"], commit.evidence.iloc[0])
+        incidents_of_step = incidents[(incidents.attribution == "code_change")
+                                      & incidents.tests.map(lambda tests: bool(set(tests) & set(step["test_names"])))]
+        assert len(incidents_of_step) >= 1, step
+        ranges = []
+        for incident_id in incidents_of_step.incident_id:
+            commit = causes[(causes.incident_id == incident_id) & (causes.cause_type == "commit")]
+            assert len(commit) == 1
+            good, last = re.findall(r"run-\d+", commit.evidence.iloc[0])[:2]
+            ranges.append((run_number(good), run_number(last)))
+        # A test whose own boundary lands runs away from its siblings' forms an incident of
+        # its own; the incident the others form still brackets the true run.
+        assert any(good < run_number(step["test_run_id"]) <= last for good, last in ranges), (
+            step["test_run_id"], ranges)
 
 
 @pytest.mark.slow

@@ -30,6 +30,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 from sklearn.ensemble import IsolationForest
 
 from perf_pipeline.analysis.change_points import remove_cycle
+from perf_pipeline.analysis.regressions import points_per_day
 from perf_pipeline.analysis.robust import MAD_TO_SIGMA, mostly_one_value
 
 # The spread is taken over this many times the level's window: spread changes more slowly
@@ -48,8 +49,6 @@ _MIN_CYCLES = 3
 
 ANOMALY_COLUMNS = ["scope", "metric_name", "test_name", "node_id", "timestamp", "end_timestamp",
                    "test_run_id", "kind", "score", "value", "expected", "reason"]
-# A node series' daily cycle is removed once it spans this many days.
-_MIN_DAYS_FOR_CYCLE = 3
 
 # Fewer nodes than this cannot say what is normal.
 _MIN_NODES = 5
@@ -285,11 +284,6 @@ def _node_noise(tests: pd.DataFrame, window: int, min_periods: int) -> pd.Series
     return MAD_TO_SIGMA * spread
 
 
-def _points_per_day(timestamps: pd.Series) -> int:
-    spacing = timestamps.diff().median()
-    return int(round(pd.Timedelta(days=1) / spacing)) if pd.notna(spacing) and spacing > pd.Timedelta(0) else 0
-
-
 def fleet_anomalies(series: pd.DataFrame, *, threshold: float = 6.0, window: int = 25,
                     max_burst: int = 3) -> tuple[pd.DataFrame, int]:
     """Spikes, dips and short bursts of every series, and how many series were skipped.
@@ -317,9 +311,8 @@ def fleet_anomalies(series: pd.DataFrame, *, threshold: float = 6.0, window: int
         if per_test:
             options = {"log_scale": True, "min_scale": floor[frame.index].to_numpy()}
         elif scope == "node":
-            per_day = _points_per_day(frame["timestamp"])
-            span = frame["timestamp"].iloc[-1] - frame["timestamp"].iloc[0]
-            if per_day >= 4 and span >= pd.Timedelta(days=_MIN_DAYS_FOR_CYCLE):
+            per_day = points_per_day(frame["timestamp"])
+            if per_day >= 4 and len(frame) >= _MIN_CYCLES * per_day:
                 options["period"] = per_day
         found = detect_point_anomalies(values, threshold=threshold, window=window,
                                        max_burst=max_burst, **options)

@@ -17,9 +17,10 @@ import pandas as pd
 from perf_pipeline.analysis.change_points import DEFAULT_SETTINGS, DetectorSettings, detect_change_points
 from perf_pipeline.catalog import get_metric
 
-# Node samples are hourly: their cycles are the day and, given three weeks, the week
-# (quiet weekends would otherwise read as a drop every Friday and a rise every Monday).
-HOURS_PER_DAY, HOURS_PER_WEEK = 24, 168
+# Node samples' cycles are the day and, given three weeks, the week (quiet weekends would
+# otherwise read as a drop every Friday and a rise every Monday); a cycle is removed only
+# when the series holds at least three of them.
+MIN_CYCLES = 3
 # Confirmed but tiny shifts (a residue of the weekly cycle, a 2% wobble in memory) are not
 # worth a person's attention: a change must reach half the metric's alert threshold.
 MIN_SHARE_OF_ALERT_THRESHOLD = 0.5
@@ -63,6 +64,26 @@ def build_series(points: pd.DataFrame) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True)
 
 
+def points_per_day(timestamps: pd.Series) -> int:
+    """How many samples a day a regularly sampled series has (0 if it cannot tell)."""
+    spacing = timestamps.diff().median()
+    if pd.isna(spacing) or spacing <= pd.Timedelta(0):
+        return 0
+    return int(round(pd.Timedelta(days=1) / spacing))
+
+
+def node_cycle(timestamps: pd.Series) -> int | None:
+    """The cycle, in points, to remove from a node's samples: the week if the series holds
+    three of them, else the day, else none."""
+    per_day = points_per_day(timestamps)
+    if per_day < 4:
+        return None
+    for period in (7 * per_day, per_day):
+        if len(timestamps) >= MIN_CYCLES * period:
+            return period
+    return None
+
+
 def series_change_points(series: pd.DataFrame, *,
                          settings: DetectorSettings = DEFAULT_SETTINGS) -> pd.DataFrame:
     """Confirmed change points of every series, with the first run, job and commit after each."""
@@ -70,14 +91,14 @@ def series_change_points(series: pd.DataFrame, *,
     keys = ["scope", "metric_name", "test_name", "node_id"]
     for (scope, metric, test, node), frame in series.groupby(keys, dropna=False, sort=True):
         frame = frame.sort_values("timestamp", kind="stable")
-        span_days = (frame["timestamp"].iloc[-1] - frame["timestamp"].iloc[0]) / pd.Timedelta(days=1)
-        hourly = frame["metric_scope"].iloc[0] == "node" and scope == "node"
+        sampled = frame["metric_scope"].iloc[0] == "node" and scope == "node"
         period, series_settings = None, settings
-        if hourly:
-            period = HOURS_PER_WEEK if span_days >= 21 else HOURS_PER_DAY if span_days >= 3 else None
+        if sampled:
+            period = node_cycle(frame["timestamp"])
             # A node state that reverts within hours is an excursion, not a lasting change:
-            # hourly series need a day on either side of a boundary.
-            series_settings = replace(settings, min_size=max(settings.min_size, HOURS_PER_DAY))
+            # node samples need a day on either side of a boundary.
+            per_day = points_per_day(frame["timestamp"])
+            series_settings = replace(settings, min_size=max(settings.min_size, per_day))
         changes = detect_change_points(frame["level"].to_numpy(), direction=frame["direction"].iloc[0],
                                        period=period, settings=series_settings)
         floor = MIN_SHARE_OF_ALERT_THRESHOLD * get_metric(metric).alert_threshold_percent

@@ -1,21 +1,55 @@
 """Change-point detection on small fixed cases with known truth.
 
-The full labelled suite (false alarms per family, detection rates by step size, speed, and
-plain PELT side by side) is `python -m perf_pipeline_tests.benchmarks.change_point_suite`.
+The full labelled suite (false alarms per family on a large noise-only sample, detection
+rates by step size, family and length, speed, and plain PELT side by side) is
+`python -m perf_pipeline_tests.benchmarks.change_point_suite`.
 """
 
 import numpy as np
 import pytest
 
-from perf_pipeline.analysis.change_points import detect_change_points
-from perf_pipeline_tests.benchmarks.change_point_suite import FAMILIES, evaluate, noise, ours, suite
+from perf_pipeline.analysis.change_points import (
+    critical_z,
+    detect_change_points,
+    find_period,
+    max_excursion_tail,
+    max_split_tail,
+)
+from perf_pipeline_tests.benchmarks.change_point_suite import (
+    FAMILIES,
+    evaluate,
+    false_alarms,
+    noise,
+    noise_sample,
+    ours,
+    step_rates,
+    step_sample,
+    suite,
+)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_stationary_noise_of_every_family_raises_nothing(family):
+def test_stationary_noise_of_every_family_stays_within_one_false_change_per_10000_points(family):
     rng = np.random.default_rng(2)
-    found = [detect_change_points(noise(family, n, rng)) for n in (100, 300, 1000) for _ in range(8)]
-    assert sum(len(f) for f in found) == 0
+    series = [noise(family, n, rng) for n in (100, 300, 1000) for _ in range(16)]
+    points = sum(len(values) for values in series)
+    found = sum(len(detect_change_points(values)) for values in series)
+    assert found <= points / 10_000
+
+
+def test_the_split_tail_matches_simulated_white_noise():
+    # The largest standardized mean difference over all splits of 100 noise values
+    rng = np.random.default_rng(0)
+    values = rng.normal(size=(20_000, 100))
+    k = np.arange(5, 96)
+    bridge = np.cumsum(values - values.mean(axis=1, keepdims=True), axis=1)[:, k - 1]
+    largest = np.max(np.abs(bridge) / np.sqrt(k * (100 - k) / 100), axis=1) / values.std(axis=1, ddof=1)
+    for z in (2.8, 3.5):  # close, and if anything on the safe side
+        simulated = np.mean(largest > z)
+        assert simulated * 0.95 <= max_split_tail(z, 100, 5) <= simulated * 1.5
+    assert 0.08 <= np.mean(largest > critical_z(100, 5, 1e-3)) <= 0.1
+    # a short excursion can lie anywhere: it needs a larger z than a split
+    assert max_excursion_tail(3.5, 100, 5) > 3 * max_split_tail(3.5, 100, 5)
 
 
 def test_a_step_is_located_sized_and_judged_by_direction():
@@ -30,6 +64,46 @@ def test_a_step_is_located_sized_and_judged_by_direction():
     assert change.p_value < 1e-6
     (improvement,) = detect_change_points(values, direction="higher_is_better")
     assert improvement.kind == "improvement"
+
+
+def test_a_one_sigma_step_in_200_points_is_found_within_five_points():
+    rng = np.random.default_rng(3)
+    values = 10 + rng.normal(0, 1, 200)
+    values[120:] += 1
+    (change,) = detect_change_points(values)
+    assert abs(change.index - 120) <= 5 and change.kind == "regression"
+
+
+def test_two_sigma_steps_in_100_points_are_found_on_white_noise_families():
+    rng = np.random.default_rng(4)
+    found = total = 0
+    for family in ("gaussian", "lognormal", "bimodal", "outliers"):
+        for _ in range(10):
+            at = int(rng.integers(30, 70))
+            values = noise(family, 100, rng)
+            values[at:] += 2 * rng.choice([-1, 1])
+            found += any(abs(c.index - at) <= 5 for c in detect_change_points(values))
+            total += 1
+    assert found >= total - 1
+
+
+def test_a_step_on_autocorrelated_noise_is_found_and_its_wander_is_not():
+    rng = np.random.default_rng(5)
+    quiet = noise("ar1", 300, rng)
+    assert detect_change_points(quiet) == []
+    values = noise("ar1", 300, rng)
+    values[170:] += 3
+    (change,) = detect_change_points(values)
+    assert abs(change.index - 170) <= 5
+
+
+def test_a_step_that_hides_a_daily_cycle_is_found_and_the_cycle_is_not():
+    rng = np.random.default_rng(6)
+    values = noise("seasonal", 300, rng)
+    values[140:] -= 2
+    assert find_period(values - np.where(np.arange(300) < 140, 0, -2)) == 24
+    (change,) = detect_change_points(values)
+    assert abs(change.index - 140) <= 5 and change.kind == "improvement"
 
 
 def test_a_spike_is_not_a_change_and_does_not_hide_one():
@@ -52,6 +126,14 @@ def test_several_steps_are_all_found():
     assert all(abs(f - t) <= 3 for f, t in zip(found, (80, 160, 230)))
 
 
+def test_a_short_excursion_in_a_long_series_is_found():
+    rng = np.random.default_rng(7)
+    values = 10 + rng.normal(0, 1, 1000)
+    values[500:520] += 3
+    found = [c.index for c in detect_change_points(values)]
+    assert len(found) == 2 and abs(found[0] - 500) <= 2 and abs(found[1] - 520) <= 2
+
+
 def test_a_gradual_drift_is_reported_once_as_a_ramp():
     rng = np.random.default_rng(1)
     values = 10 + rng.normal(0, 1, 200)
@@ -60,6 +142,16 @@ def test_a_gradual_drift_is_reported_once_as_a_ramp():
     (ramp,) = detect_change_points(values)
     assert ramp.shape == "ramp" and ramp.kind == "regression"
     assert 75 <= ramp.index <= 95 and ramp.end_index is not None and 115 <= ramp.end_index <= 140
+
+
+def test_two_steps_with_a_flat_stretch_between_them_are_not_a_ramp():
+    rng = np.random.default_rng(8)
+    values = 10 + rng.normal(0, 1, 300)
+    values[100:] += 2.5
+    values[180:] += 2.5
+    changes = detect_change_points(values)
+    assert [c.shape for c in changes] == ["step", "step"]
+    assert abs(changes[0].index - 100) <= 5 and abs(changes[1].index - 180) <= 5
 
 
 def test_missing_values_keep_original_positions_and_timestamps():
@@ -73,12 +165,29 @@ def test_missing_values_keep_original_positions_and_timestamps():
 def test_short_constant_and_bad_input():
     assert detect_change_points([1.0, 2.0, 3.0]) == []
     assert detect_change_points([5.0] * 50) == []
+    (step,) = detect_change_points([5.0] * 50 + [6.0] * 50)
+    assert step.index == 50 and step.p_value == 0.0
     with pytest.raises(ValueError, match="direction"):
         detect_change_points([1.0] * 20, direction="up")
 
 
 def test_the_benchmark_suite_runs_at_a_small_scale():
-    cases = list(suite(np.random.default_rng(0), 1))
-    figures = evaluate(ours, cases)
+    rng = np.random.default_rng(0)
+    figures = evaluate(ours, list(suite(rng, 1)))
     assert set(figures["false_alarms_per_10k_points"]) == set(FAMILIES)
+    assert set(figures["detection_rate_by_family"]) == set(FAMILIES)
     assert figures["detection_rate"]["step_4sigma"] > 0.8
+    quiet = false_alarms(ours, list(noise_sample(rng, 2_000)))
+    assert set(quiet) == set(FAMILIES) and all(f["points"] >= 2_000 for f in quiet.values())
+    steps = step_rates(ours, list(step_sample(rng, 2)))
+    assert set(steps) == {"step_1sigma", "step_2sigma"}
+    assert set(steps["step_2sigma"]["by_family"]) == set(FAMILIES)
+
+
+def test_a_period_the_series_cannot_hold_three_times_is_ignored_not_a_crash():
+    rng = np.random.default_rng(11)
+    values = 10 + rng.normal(0, 1, 168)
+    values[80:] += 3
+    assert [c.index for c in detect_change_points(values, period=168)] == [80]
+    with pytest.raises(ValueError, match="period"):
+        detect_change_points(values, period=1)

@@ -11,8 +11,9 @@ incident's first run and compared before and after:
   before the earliest plausible start of the change to the latest plausible first
   changed run (`regressions.plausible_start`). Score: the share of nodes that show the shift (a code
   change slows its tests wherever they run).
-- **node** — for a node problem, the share of the node's tests that slowed (a sick node
-  slows everything it runs) — or, for a code change seen on only one node, that node.
+- **node** — for a node problem, the share of the node's tests that slowed minus the
+  share of those tests that slowed on other nodes (a sick node slows everything it runs)
+  — or, for a code change seen on only one of several nodes, that node.
 - **co-moving metric** — another metric's change point at the same time on the same node
   (for a node problem) or fleet-wide (per test or per run, for a code change or a CI
   metric), weighted by how strongly the two metrics correlate.
@@ -107,7 +108,7 @@ def _context_causes(points: pd.DataFrame, at: pd.Timestamp, contexts: pd.DataFra
 
 
 def _commit_cause(points: pd.DataFrame, members: pd.DataFrame, series: pd.DataFrame,
-                  magnitude: float) -> dict | None:
+                  node_spread: tuple[list, list]) -> dict | None:
     """The commits to bisect: from the last run before the earliest plausible start of the
     change to the latest plausible first changed run."""
     earliest, latest = plausible_start(members, series)
@@ -116,7 +117,7 @@ def _commit_cause(points: pd.DataFrame, members: pd.DataFrame, series: pd.DataFr
     if before.empty or after.empty:
         return None
     good, last = before.iloc[-1], after.iloc[0]
-    shifted, judged = _spread(points, pd.Timestamp(members["timestamp"].min()), "run_node_id", magnitude)
+    shifted, judged = node_spread
     score = len(shifted) / len(judged) if judged else 0.0
     return {"cause_type": "commit",
             "cause": f"{_short(good['commit_sha'])}..{_short(last['commit_sha'])}",
@@ -131,26 +132,29 @@ def _short(commit: object) -> str:
     return commit[:12] if isinstance(commit, str) else "?"
 
 
-def _node_cause(incident, points: pd.DataFrame, series: pd.DataFrame, at: pd.Timestamp,
-                magnitude: float) -> dict | None:
-    if incident.attribution == "node_problem":
-        runs = series[(series["scope"] == "test") & series["metric_name"].isin(incident.metrics)]
-        runs = runs.assign(level=runs["relative"])
-        on_node = runs["run_node_id"] == incident.node_id
-        shifted, judged = _spread(runs[on_node], at, "test_name", magnitude)
-        if not judged:
-            return None
-        elsewhere, _ = _spread(runs[~on_node & runs["test_name"].isin(judged)], at, "test_name", magnitude)
-        return {"cause_type": "node", "cause": incident.node_id,
-                "score": max(0.0, (len(shifted) - len(elsewhere)) / len(judged)),
-                "evidence": (f"{len(shifted)} of {len(judged)} tests run on {incident.node_id} on "
-                             f"both sides of the change shifted; on the other nodes, "
-                             f"{len(elsewhere)} of them did")}
-    if incident.attribution == "code_change":
-        shifted, judged = _spread(points, at, "run_node_id", magnitude)
-        if len(shifted) == 1 and len(judged) >= 3:
-            return {"cause_type": "node", "cause": shifted[0], "score": 1 - 1 / len(judged),
-                    "evidence": f"only {shifted[0]} of {len(judged)} nodes shows the shift"}
+def _node_problem_cause(incident, series: pd.DataFrame, at: pd.Timestamp,
+                        magnitude: float) -> dict | None:
+    """A sick node slows most of what it runs, and the same tests elsewhere do not."""
+    runs = series[(series["scope"] == "test") & series["metric_name"].isin(incident.metrics)]
+    runs = runs.assign(level=runs["relative"])
+    on_node = runs["run_node_id"] == incident.node_id
+    shifted, judged = _spread(runs[on_node], at, "test_name", magnitude)
+    if not judged:
+        return None
+    elsewhere, _ = _spread(runs[~on_node & runs["test_name"].isin(judged)], at, "test_name", magnitude)
+    return {"cause_type": "node", "cause": incident.node_id,
+            "score": max(0.0, (len(shifted) - len(elsewhere)) / len(judged)),
+            "evidence": (f"{len(shifted)} of {len(judged)} tests run on {incident.node_id} on "
+                         f"both sides of the change shifted; on the other nodes, "
+                         f"{len(elsewhere)} of them did")}
+
+
+def _single_node_cause(node_spread: tuple[list, list]) -> dict | None:
+    """A "code change" that only one of several nodes shows is that node's problem."""
+    shifted, judged = node_spread
+    if len(shifted) == 1 and len(judged) >= 3:
+        return {"cause_type": "node", "cause": shifted[0], "score": 1 - 1 / len(judged),
+                "evidence": f"only {shifted[0]} of {len(judged)} nodes shows the shift"}
     return None
 
 
@@ -199,8 +203,11 @@ def suspected_causes(incidents: pd.DataFrame, changes: pd.DataFrame, series: pd.
         points = _incident_points(incident, members, series)
         causes = _context_causes(points, at, contexts)
         if incident.attribution == "code_change":
-            causes.append(_commit_cause(points, members, series, magnitude))
-        causes.append(_node_cause(incident, points, series, at, magnitude))
+            node_spread = _spread(points, at, "run_node_id", magnitude)
+            causes += [_commit_cause(points, members, series, node_spread),
+                       _single_node_cause(node_spread)]
+        elif incident.attribution == "node_problem":
+            causes.append(_node_problem_cause(incident, series, at, magnitude))
         causes += _co_moving(incident, members, changes, correlations)
         ranked = sorted((c for c in causes if c is not None), key=lambda c: -c["score"])[:_MAX_CAUSES]
         rows += [{"incident_id": incident.incident_id, "rank": rank, **cause}

@@ -1,4 +1,5 @@
-"""`perf-pipeline`: simulate a fleet, ingest metric files, run the pipeline, or all three (demo)."""
+"""`perf-pipeline`: simulate a fleet, ingest metric files, run the pipeline, or all three (demo);
+pick nodes for a kind of test (select-nodes)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,9 @@ from perf_pipeline.report.markdown import (
     correlation_table,
     incident_table,
     outlier_node_table,
+    ranking_table,
+    recommendation_table,
+    risk_table,
     trend_table,
 )
 
@@ -131,6 +135,12 @@ def _summary() -> None:
             ("Configurations that shift a metric (large, significant effects):",
              wh.flagged_configuration_effects(limit=10), configuration_table,
              "No large configuration effect."),
+            ("Nodes heading for a limit (predicted crossings, risk 0–100):",
+             wh.top_risks(limit=5), risk_table, "No node at risk."),
+            ("Node ranking, worst five (overall score 0–100, 50 = fleet median):",
+             wh.node_ranking("overall").tail(5), ranking_table, "No node scores."),
+            ("What to do (top recommendations):",
+             wh.top_recommendations(limit=8), recommendation_table, "Nothing to recommend."),
         ]
     print()
     print(f"rows stored: {counts['performance_metrics']:,}   quarantined: "
@@ -169,6 +179,22 @@ def _fleet_arguments(parser: argparse.ArgumentParser, *, seed: int) -> None:
     parser.add_argument("--runs-per-day", type=int, default=12, help="CI runs a day (default 12)")
 
 
+def cmd_select_nodes(args: argparse.Namespace) -> int:
+    from perf_pipeline.client import PerformanceTrends
+
+    client = PerformanceTrends(database=paths_from_env().database)
+    try:
+        chosen = client.select_nodes_detail(test_type=args.test_type, k=args.k, max_risk=args.max_risk)
+    except LookupError as error:
+        raise UsageError(str(error)) from None
+    if args.json:
+        print(chosen.to_json(orient="records"))
+    else:
+        for row in chosen.itertuples():
+            print(f"{row.node_id}\t{row.score:.1f}\t{row.reason}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="perf-pipeline",
@@ -196,6 +222,15 @@ def build_parser() -> argparse.ArgumentParser:
                                                     "every new or changed landing day")
     run.add_argument("--window-days", type=int, default=None, help="trend window (default 30)")
     run.set_defaults(handler=cmd_run)
+
+    select = commands.add_parser("select-nodes", help="the best nodes for a kind of test: healthy, "
+                                                      "then fast on that test type, then stable")
+    select.add_argument("--test-type", help="e.g. unit, integration, e2e (default: all tests)")
+    select.add_argument("-k", type=int, default=5, help="how many nodes (default 5)")
+    select.add_argument("--max-risk", type=float, default=50.0,
+                        help="nodes at or above this risk (0–100) come last (default 50)")
+    select.add_argument("--json", action="store_true", help="print JSON records")
+    select.set_defaults(handler=cmd_select_nodes)
     return parser
 
 

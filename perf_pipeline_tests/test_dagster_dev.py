@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from perf_pipeline_tests.test_definitions import ANALYSIS_ASSETS
+from perf_pipeline_tests.test_definitions import GROUP_OF
 
 ROOT = Path(__file__).resolve().parents[1]
 QUERY = ("{ assetNodes { assetKey { path } groupName } workspaceOrError { ... on Workspace "
@@ -60,7 +60,7 @@ def test_dagster_dev_loads_the_code_location_with_assets_in_groups(tmp_path):
         assert location["locationOrLoadError"]["__typename"] == "RepositoryLocation"
         groups = {tuple(a["assetKey"]["path"]): a["groupName"] for a in data["assetNodes"]}
         assert groups == {("raw_metrics",): "ingest", ("normalized_timeseries",): "normalize",
-                          **{(name,): "analysis" for name in ANALYSIS_ASSETS}}
+                          **{(name,): group for name, group in GROUP_OF.items()}}
     finally:
         os.killpg(process.pid, signal.SIGTERM)
         try:

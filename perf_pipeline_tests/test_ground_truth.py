@@ -12,7 +12,7 @@ from perf_pipeline.config import paths_from_env
 from perf_pipeline.analysis.regressions import attribution_share
 from perf_pipeline.defs.runner import run_pipeline
 from perf_pipeline.ingest.landing import ingest_files
-from perf_pipeline.ingest.simulator import simulate_fleet
+from perf_pipeline.ingest.simulator import LOAD_SENSITIVITY, simulate_fleet
 from perf_pipeline.storage.warehouse import open_warehouse
 
 END = datetime(2026, 11, 20, tzinfo=timezone.utc)
@@ -39,13 +39,15 @@ def _fleet(seed: int, tmp_path_factory) -> dict:
             tables = {name: wh.con.table(name).df()
                       for name in ("trend_stats", "change_incidents", "change_points", "anomalies",
                                    "node_health", "metric_correlations", "configuration_effects",
-                                   "regression_causes")}
+                                   "regression_causes", "node_performance_scores",
+                                   "node_health_risk", "optimization_recommendations",
+                                   "performance_models", "performance_forecasts")}
             tables["node_points"] = wh.con.execute(
                 "SELECT metric_name, node_id, count(*) AS n FROM normalized_timeseries "
                 "WHERE test_name IS NULL GROUP BY ALL").df()
             tables["loaded"] = wh.table_counts(["performance_metrics", "quarantined_metrics"])
         _FLEETS[seed] = {"truth": json.loads(summary.truth_path.read_text()), "report": report,
-                         **tables}
+                         "database": paths.database, **tables}
     return _FLEETS[seed]
 
 
@@ -218,3 +220,152 @@ def test_outlier_nodes_are_injected_ones_and_the_degrading_node_is_among_them(tm
     assert flagged <= odd, flagged - odd
     degrading = next(i["node_id"] for i in injections if i["kind"] == "trend")
     assert degrading in flagged
+
+
+def _injected_node(fleet: dict, kind: str) -> str:
+    return next(i["node_id"] for i in fleet["truth"]["injections"] if i["kind"] == kind)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", SEEDS)
+def test_the_degrading_node_is_the_top_risk_and_gets_a_recommendation(tmp_path_factory, seed):
+    fleet = _fleet(seed, tmp_path_factory)
+    degrading = _injected_node(fleet, "trend")
+    risk = fleet["node_health_risk"].groupby("node_id")["node_risk_score"].max().sort_values()
+    assert risk.index[-1] == degrading, risk.tail(3)
+    assert risk.iloc[-1] >= 50 and (risk.iloc[:-1] < 50).all(), risk.tail(3)
+    crossing = fleet["node_health_risk"]
+    crossing = crossing[(crossing.node_id == degrading) & crossing.predicted_crossing.notna()]
+    assert len(crossing), "the degrading node must have a predicted limit crossing"
+    recommendations = fleet["optimization_recommendations"]
+    assert degrading in set(recommendations["node_id"]), recommendations[["kind", "subject"]]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", SEEDS)
+def test_the_noisy_node_is_least_stable_and_the_slow_node_ranks_below_its_peers(tmp_path_factory, seed):
+    fleet = _fleet(seed, tmp_path_factory)
+    scores = fleet["node_performance_scores"]
+    scores = scores[scores.test_type.isna()]
+    stability = scores[scores.metric_name == "stability"].sort_values("score")
+    assert stability.node_id.iloc[0] == _injected_node(fleet, "noisy_node"), stability.head(3)
+    speed = scores[scores.metric_name == "test_execution_time"].set_index("node_id")
+    slow, stepped = _injected_node(fleet, "slow_node"), _injected_node(fleet, "node_step")
+    peers = speed.drop(index=[slow, stepped])
+    assert (speed.loc[slow, "score"] < peers["score"]).all(), speed["score"].sort_values().head(4)
+    # A node's durations follow its speed and its load (LOAD_SENSITIVITY per CPU point): the
+    # effect against the peers' median is what the simulator put in, within 5%.
+    with open_warehouse(fleet["database"], read_only=True) as wh:
+        cpu = wh.con.execute("SELECT node_id, avg(value) AS cpu FROM normalized_timeseries "
+                             "WHERE metric_name = 'cpu_usage' GROUP BY node_id").df().set_index("node_id")["cpu"]
+    factor = pd.Series({n["node_id"]: n["speed_factor"] for n in fleet["truth"]["nodes"]})
+    expected = factor * (1 + LOAD_SENSITIVITY * (cpu - 45))
+    measured = speed.loc[slow, "effect"] / peers["effect"].median()
+    assert measured == pytest.approx(expected[slow] / expected[peers.index].median(), rel=0.05)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", SEEDS)
+def test_every_recommendation_cites_evidence_the_data_confirms(tmp_path_factory, seed):
+    fleet = _fleet(seed, tmp_path_factory)
+    recommendations = fleet["optimization_recommendations"]
+    assert len(recommendations)
+    changes, trends, risk = fleet["change_points"], fleet["trend_stats"], fleet["node_health_risk"]
+    with open_warehouse(fleet["database"], read_only=True) as wh:
+        end = wh.latest_timestamp()
+        for rec in recommendations.itertuples():
+            numbers = json.loads(rec.evidence_json)
+            if rec.kind == "drain_node" and "magnitude_percent" in numbers:
+                change = changes[(changes.scope == "node") & (changes.node_id == rec.subject)
+                                 & (changes.metric_name == numbers["metric_name"])
+                                 & (changes.timestamp == pd.Timestamp(numbers["timestamp"]))]
+                assert change.magnitude_percent.tolist() == [pytest.approx(numbers["magnitude_percent"])]
+            elif rec.kind == "drain_node":
+                row = risk[(risk.node_id == rec.subject) & (risk.metric_name == numbers["metric_name"])]
+                assert row.current_value.tolist() == [pytest.approx(numbers["current_value"])]
+                assert row.node_risk_score.iloc[0] == pytest.approx(numbers["node_risk_score"])
+            elif rec.kind == "investigate_node":
+                (value,), = wh.con.execute(
+                    "SELECT median(value) FROM normalized_timeseries WHERE metric_name = "
+                    "'node_failure_rate' AND node_id = ? AND timestamp > ? - INTERVAL 1 DAY "
+                    "AND timestamp <= ?", [rec.subject, end, end]).fetchall()
+                assert value == pytest.approx(numbers["current_value"]) and value > numbers["threshold"]
+            elif rec.kind == "raise_memory_limit":
+                row = trends[(trends.scope == "node") & (trends.node_id == rec.subject)
+                             & (trends.metric_name == numbers["metric_name"])]
+                assert row.theil_sen_slope_per_day.tolist() == [pytest.approx(numbers["slope_per_day"])]
+                assert row.trend_direction.iloc[0] == "degrading"
+            elif rec.kind == "bisect_regression":
+                incident = fleet["change_incidents"].set_index("incident_id").loc[numbers["incident_id"]]
+                assert incident.first_test_run_id == numbers["first_test_run_id"]
+                causes = fleet["regression_causes"]
+                assert numbers["commit_range"] in set(causes[causes.incident_id == numbers["incident_id"]].cause)
+            elif rec.kind == "adjust_parallelism":
+                row = trends[(trends.scope == "overall") & (trends.metric_name == "test_execution_time")]
+                assert row.change_over_window_percent.iloc[0] == pytest.approx(
+                    numbers["change_over_window_percent"])
+            elif rec.kind == "raise_parallelism":
+                for metric in ("cpu_usage", "queue_wait_time"):
+                    (value,), = wh.con.execute(
+                        "SELECT median(value) FROM normalized_timeseries WHERE metric_name = ? "
+                        "AND timestamp > ? - INTERVAL 7 DAY AND timestamp <= ?",
+                        [metric, end, end]).fetchall()
+                    assert value == pytest.approx(numbers[metric])
+            elif rec.kind == "move_test_type":
+                (ratio,), = wh.con.execute("""
+                    WITH r AS (SELECT node_type, ln(value) - median(ln(value)) OVER (PARTITION BY test_name) AS d
+                               FROM normalized_timeseries
+                               WHERE metric_name = 'test_execution_time' AND test_type = ?
+                                 AND timestamp > ? - INTERVAL 30 DAY AND timestamp <= ?)
+                    SELECT exp(median(d) FILTER (node_type = ?) - median(d) FILTER (node_type = ?)) FROM r
+                """, [numbers["test_type"], end, end, numbers["node_type"],
+                      numbers["best_node_type"]]).fetchall()
+                assert 100 * (ratio - 1) == pytest.approx(numbers["slowdown_percent"], abs=1)
+            else:
+                raise AssertionError(f"no check for recommendation kind {rec.kind}")
+
+
+@pytest.mark.slow
+def test_the_client_ranks_nodes_and_selects_healthy_fast_ones(tmp_path_factory):
+    from perf_pipeline.client import PerformanceTrends
+
+    fleet = _fleet(1, tmp_path_factory)
+    client = PerformanceTrends(database=fleet["database"])
+    ranking = client.get_node_performance_comparison("test_execution_time")
+    assert [s for _, s in ranking] == sorted((s for _, s in ranking), reverse=True)
+    assert {n for n, _ in ranking} == {n["node_id"] for n in fleet["truth"]["nodes"]}
+    slow = _injected_node(fleet, "slow_node")
+    assert slow in {n for n, _ in ranking[-2:]}
+    test_type = fleet["truth"]["tests"][0]["test_type"]
+    filtered = client.get_node_performance_comparison("test_execution_time",
+                                                      test_filter={"test_type": test_type})
+    assert filtered and {n for n, _ in filtered} <= {n for n, _ in ranking}
+    assert client.get_node_performance_comparison(
+        "test_execution_time", test_filter={"test_type": "unit' OR '1'='1"}) == []
+    with pytest.raises(ValueError, match="cannot filter on 'commit'"):
+        client.get_node_performance_comparison("test_execution_time", test_filter={"commit": "x"})
+    chosen = client.select_nodes(test_type=test_type, k=3)
+    assert len(chosen) == 3 and _injected_node(fleet, "trend") not in chosen
+    assert slow not in chosen
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", SEEDS)
+def test_models_beat_naive_forecasts_on_seasonal_metrics_or_give_way(tmp_path_factory, seed):
+    fleet = _fleet(seed, tmp_path_factory)
+    models = fleet["performance_models"].set_index("metric_name")
+    for metric in ("cpu_usage", "memory_utilization"):  # daily and weekly load cycles
+        row = models.loc[metric]
+        assert row.method == "model" and row.folds >= 2, row.reason
+        assert row.cv_mae < 0.9 * row.baseline_mae, row.reason
+        assert 0.6 <= row.interval_coverage <= 0.95
+    for row in models.itertuples():
+        errors = {"model": row.cv_mae, **json.loads(row.baseline_errors)}
+        assert errors[row.method] == min(errors.values()), (row.Index, errors)
+        assert row.file and re.search(rf"models/{row.Index}/\d{{8}}T\d{{6}}\.joblib$", row.file)
+    forecasts = fleet["performance_forecasts"]
+    nodes = {n["node_id"] for n in fleet["truth"]["nodes"]}
+    cpu = forecasts[forecasts.metric_name == "cpu_usage"]
+    assert set(cpu.series) == nodes and cpu.groupby("series").size().eq(14 * 24).all()
+    assert (forecasts.lower <= forecasts.forecast).all() and (forecasts.forecast <= forecasts.upper).all()
+    assert set(forecasts.method[forecasts.metric_name == "cpu_usage"]) == {"model"}

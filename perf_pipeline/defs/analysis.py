@@ -53,18 +53,18 @@ class ChangePointConfig(WindowConfig):
     min_effect: float = DEFAULT_SETTINGS.min_effect
 
 
-def _now() -> datetime:
+def utc_now() -> datetime:
     return datetime.now(timezone.utc).replace(tzinfo=None)
 
 
-def _window(context: dg.AssetExecutionContext, config: WindowConfig,
+def analysis_window(context: dg.AssetExecutionContext, config: WindowConfig,
             wh: Warehouse) -> tuple[datetime, datetime]:
     if config.window_days < 2:
         raise dg.Failure(f"{context.asset_key.to_user_string()} config: window_days must be >= 2")
     window_end = datetime.fromisoformat(config.as_of) if config.as_of else wh.latest_timestamp()
     if window_end is None:
         context.log.warning("no normalized data yet: the result is empty")
-        window_end = _now()
+        window_end = utc_now()
     window_end = window_end.replace(tzinfo=None)
     return window_end - timedelta(days=config.window_days), window_end
 
@@ -72,7 +72,7 @@ def _window(context: dg.AssetExecutionContext, config: WindowConfig,
 def _window_series(context: dg.AssetExecutionContext, config: WindowConfig,
                    wh: Warehouse) -> tuple[datetime, datetime, pd.DataFrame]:
     """The window and every series in it, as `regressions.build_series` arranges them."""
-    window_start, window_end = _window(context, config, wh)
+    window_start, window_end = analysis_window(context, config, wh)
     return window_start, window_end, build_series(wh.window_points(window_start, window_end))
 
 
@@ -89,10 +89,10 @@ def trend_stats(context: dg.AssetExecutionContext, config: TrendConfig,
     if not 0 < config.alpha < 1:
         raise dg.Failure("trend_stats config: alpha must be in (0, 1)")
     with warehouse.open() as wh:
-        window_start, window_end = _window(context, config, wh)
+        window_start, window_end = analysis_window(context, config, wh)
         table = compute_trend_stats(
             wh.daily_series(window_start, window_end), window_start=window_start,
-            window_end=window_end, computed_at=_now(), alpha=config.alpha,
+            window_end=window_end, computed_at=utc_now(), alpha=config.alpha,
             min_change_percent=config.min_change_percent, min_days=config.min_days)
         wh.replace_table("trend_stats", table)
         degrading = wh.top_trends(direction="degrading", limit=15)
@@ -119,7 +119,7 @@ def change_points(context: dg.AssetExecutionContext, config: ChangePointConfig,
                   warehouse: WarehouseResource) -> dg.MaterializeResult:
     settings = DetectorSettings(penalty_factor=config.penalty_factor, alpha=config.alpha,
                                 min_effect=config.min_effect)
-    computed_at = _now()
+    computed_at = utc_now()
     with warehouse.open() as wh:
         window_start, window_end, series = _window_series(context, config, wh)
         changes, incidents = group_incidents(series_change_points(series, settings=settings), series)
@@ -148,9 +148,9 @@ def change_points(context: dg.AssetExecutionContext, config: ChangePointConfig,
 def seasonal_profiles(context: dg.AssetExecutionContext, config: WindowConfig,
                       warehouse: WarehouseResource) -> dg.MaterializeResult:
     with warehouse.open() as wh:
-        window_start, window_end = _window(context, config, wh)
+        window_start, window_end = analysis_window(context, config, wh)
         profiles = decompose_profiles(wh.node_hourly(window_start, window_end))
-        wh.replace_table("seasonal_profiles", profiles.assign(computed_at=_now()))
+        wh.replace_table("seasonal_profiles", profiles.assign(computed_at=utc_now()))
         strongest = wh.strongest_cycles(limit=15)
     return dg.MaterializeResult(metadata={
         "profiles": dg.MetadataValue.int(int(profiles.groupby(
@@ -174,7 +174,7 @@ def anomalies(context: dg.AssetExecutionContext, config: AnomalyConfig,
               warehouse: WarehouseResource) -> dg.MaterializeResult:
     if config.threshold <= 0 or config.window_points < 5 or config.max_burst < 1:
         raise dg.Failure("anomalies config: threshold must be > 0, window_points >= 5, max_burst >= 1")
-    computed_at = _now()
+    computed_at = utc_now()
     with warehouse.open() as wh:
         window_start, window_end, series = _window_series(context, config, wh)
         found, skipped = fleet_anomalies(series, threshold=config.threshold,
@@ -207,7 +207,7 @@ def anomalies(context: dg.AssetExecutionContext, config: AnomalyConfig,
 )
 def metric_correlations(context: dg.AssetExecutionContext, config: WindowConfig,
                         warehouse: WarehouseResource) -> dg.MaterializeResult:
-    computed_at = _now()
+    computed_at = utc_now()
     with warehouse.open() as wh:
         window_start, window_end, series = _window_series(context, config, wh)
         pairs = correlations.metric_correlations(series)
@@ -246,7 +246,7 @@ def regression_causes(context: dg.AssetExecutionContext, config: WindowConfig,
             incidents, changes, series,
             correlations.flatten_contexts(wh.run_contexts(window_start, window_end)),
             wh.correlations())
-        wh.replace_table("regression_causes", causes.assign(computed_at=_now()))
+        wh.replace_table("regression_causes", causes.assign(computed_at=utc_now()))
         top = wh.top_causes(limit=15)
     return dg.MaterializeResult(metadata={
         "regression_incidents": dg.MetadataValue.int(int((incidents["kind"] != "improvement").sum())),

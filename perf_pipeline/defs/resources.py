@@ -1,10 +1,10 @@
-"""The one DuckDB writer every asset goes through, and where the landing archive is."""
-
+"""The resources assets share: the one DuckDB writer, the landing archive, the model store."""
 
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import dagster as dg
 from dagster_duckdb import DuckDBResource
 from pydantic import Field
 
@@ -38,3 +38,18 @@ class WarehouseResource(DuckDBResource):
 def warehouse_resource(paths: Paths | None = None) -> WarehouseResource:
     paths = paths or paths_from_env()
     return WarehouseResource(database=str(paths.database), landing_dir=str(paths.landing))
+
+
+class ModelStoreResource(dg.ConfigurableResource):
+    """The folder trained models are saved in (`models/` under PERF_PIPELINE_HOME)."""
+
+    directory: str = Field(description="Folder of saved models, one sub-folder per metric.")
+
+    def folder(self, metric_name: str) -> Path:
+        folder = Path(self.directory) / metric_name
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder
+
+
+def model_store_resource(paths: Paths | None = None) -> ModelStoreResource:
+    return ModelStoreResource(directory=str((paths or paths_from_env()).models))

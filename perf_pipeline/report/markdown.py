@@ -78,3 +78,46 @@ def cause_table(causes) -> str:
         ["attribution", "at", "node", "metrics", "cause type", "cause", "score", "evidence"],
         [(r.attribution, r.timestamp, r.node_id, ", ".join(r.metrics), r.cause_type, r.cause,
           r.score, r.evidence) for r in causes.itertuples(index=False)])
+
+
+def ranking_table(ranking) -> str:
+    """`Warehouse.node_ranking` rows."""
+    return markdown_table(["rank", "node", "score", "evidence"],
+                          ranking[["rank", "node_id", "score", "evidence"]].itertuples(index=False))
+
+
+def risk_table(risks) -> str:
+    """`Warehouse.top_risks` rows."""
+    return markdown_table(["node", "risk", "worst metric", "first predicted crossing", "evidence"],
+                          risks.itertuples(index=False))
+
+
+def recommendation_table(recommendations) -> str:
+    """`Warehouse.top_recommendations` rows."""
+    return markdown_table(["severity", "kind", "subject", "action", "evidence", "expected gain"],
+                          recommendations.itertuples(index=False))
+
+
+def action_table(decisions) -> str:
+    """optimization_actions rows."""
+    return markdown_table(["decided at", "kind", "subject", "decision", "reason", "detail"],
+                          decisions[["decided_at", "kind", "subject", "decision", "reason",
+                                     "detail"]].itertuples(index=False))
+
+
+def model_table(models) -> str:
+    """performance_models rows: each metric's method and its cross-validated errors."""
+    return markdown_table(
+        ["metric", "method", "model MAE", "best baseline", "baseline MAE", "80% interval coverage",
+         "why"],
+        models[["metric_name", "method", "cv_mae", "best_baseline", "baseline_mae",
+                "interval_coverage", "reason"]].itertuples(index=False))
+
+
+def forecast_table(forecasts) -> str:
+    """performance_forecasts rows at one time: the median series' forecast of each metric."""
+    summary = forecasts.groupby("metric_name").agg(
+        series=("series", "nunique"), forecast=("forecast", "median"), lower=("lower", "median"),
+        upper=("upper", "median"), method=("method", "first")).reset_index()
+    return markdown_table(["metric", "series", "median forecast", "lower", "upper", "method"],
+                          summary.itertuples(index=False))

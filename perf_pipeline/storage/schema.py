@@ -277,6 +277,101 @@ MIGRATIONS: tuple[tuple[int, str, tuple[str, ...]], ...] = (
         )
         """,
     )),
+    (5, "models, forecasts, node scores and risk, recommendations and actions", (
+        """
+        CREATE TABLE performance_models (
+            trained_at TIMESTAMP NOT NULL,
+            metric_name VARCHAR NOT NULL,
+            rows BIGINT NOT NULL,
+            series BIGINT NOT NULL,
+            folds INTEGER NOT NULL,
+            cv_mae DOUBLE,
+            baseline_mae DOUBLE,
+            best_baseline VARCHAR,
+            baseline_errors JSON,
+            method VARCHAR NOT NULL,
+            reason VARCHAR NOT NULL,
+            interval_coverage DOUBLE,
+            file VARCHAR
+        )
+        """,
+        """
+        CREATE TABLE performance_forecasts (
+            computed_at TIMESTAMP NOT NULL,
+            metric_name VARCHAR NOT NULL,
+            scope VARCHAR NOT NULL,
+            series VARCHAR NOT NULL,
+            timestamp TIMESTAMP NOT NULL,
+            forecast DOUBLE NOT NULL,
+            lower DOUBLE,
+            upper DOUBLE,
+            method VARCHAR NOT NULL
+        )
+        """,
+        """
+        CREATE TABLE node_performance_scores (
+            computed_at TIMESTAMP NOT NULL,
+            node_id VARCHAR NOT NULL,
+            metric_name VARCHAR NOT NULL,
+            test_type VARCHAR,
+            score DOUBLE NOT NULL,
+            rank INTEGER NOT NULL,
+            effect DOUBLE,
+            noise DOUBLE,
+            n_points BIGINT NOT NULL,
+            n_tests BIGINT NOT NULL,
+            evidence VARCHAR NOT NULL
+        )
+        """,
+        """
+        CREATE TABLE node_health_risk (
+            computed_at TIMESTAMP NOT NULL,
+            node_id VARCHAR NOT NULL,
+            metric_name VARCHAR NOT NULL,
+            current_value DOUBLE NOT NULL,
+            limit_value DOUBLE NOT NULL,
+            slope_per_day DOUBLE,
+            days_to_limit DOUBLE,
+            predicted_crossing TIMESTAMP,
+            earliest_crossing TIMESTAMP,
+            risk_score DOUBLE NOT NULL,
+            node_risk_score DOUBLE NOT NULL,
+            evidence VARCHAR NOT NULL
+        )
+        """,
+        """
+        CREATE TABLE optimization_recommendations (
+            computed_at TIMESTAMP NOT NULL,
+            recommendation_id VARCHAR NOT NULL,
+            condition_key VARCHAR NOT NULL,
+            kind VARCHAR NOT NULL,
+            severity VARCHAR NOT NULL,
+            subject VARCHAR NOT NULL,
+            title VARCHAR NOT NULL,
+            action VARCHAR NOT NULL,
+            evidence VARCHAR NOT NULL,
+            evidence_json JSON NOT NULL,
+            expected_gain VARCHAR NOT NULL,
+            expected_gain_percent DOUBLE,
+            node_id VARCHAR,
+            metric_name VARCHAR,
+            incident_id VARCHAR
+        )
+        """,
+        """
+        CREATE TABLE optimization_actions (
+            decided_at TIMESTAMP NOT NULL,
+            condition_key VARCHAR NOT NULL,
+            recommendation_id VARCHAR NOT NULL,
+            kind VARCHAR NOT NULL,
+            subject VARCHAR NOT NULL,
+            handler VARCHAR,
+            decision VARCHAR NOT NULL,
+            reason VARCHAR NOT NULL,
+            detail VARCHAR NOT NULL
+        )
+        """,
+    )),
 )
 
 LATEST_VERSION = MIGRATIONS[-1][0]

@@ -9,7 +9,7 @@ built at run time comes from constants in this module.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
@@ -168,10 +168,40 @@ ORDER BY 1
 TABLES = ("performance_metrics", "quarantined_metrics", "ingested_files", "normalized_timeseries",
           "metric_rollups_hourly", "trend_stats", "change_points", "change_incidents",
           "seasonal_profiles", "anomalies", "node_health", "metric_correlations",
-          "configuration_effects", "regression_causes")
+          "configuration_effects", "regression_causes", "performance_models",
+          "performance_forecasts", "node_performance_scores", "node_health_risk",
+          "optimization_recommendations", "optimization_actions")
 _COUNT_SQL = {t: f"SELECT count(*) FROM {t}" for t in TABLES}
 _CLEAR_SQL = {t: f"DELETE FROM {t}" for t in TABLES}
 _INSERT_ALL_SQL = {t: f"INSERT INTO {t} SELECT * FROM replacement" for t in TABLES}
+_SELECT_ALL_SQL = {t: f"SELECT * FROM {t}" for t in TABLES}
+
+
+# Columns a caller may filter points on, and the SQL that does it with the value as a
+# parameter: no name or value from a caller is ever formatted into SQL.
+FILTER_COLUMNS = ("test_name", "test_type", "node_id", "node_type")
+_FILTER_IN_SQL = {c: f"n.{c} IN (SELECT unnest(CAST(? AS VARCHAR[])))" for c in FILTER_COLUMNS}
+_FILTER_LIKE_SQL = {c: f"n.{c} LIKE ? ESCAPE '\\'" for c in FILTER_COLUMNS}
+
+
+def filter_clauses(filters: Mapping[str, str | Sequence[str]]) -> tuple[list[str], list]:
+    """WHERE clauses and parameters for `filters`: column -> value, list of values, or a
+    pattern with `*` wildcards. ValueError names an unknown column or an empty value."""
+    clauses, parameters = [], []
+    for column, value in filters.items():
+        if column not in FILTER_COLUMNS:
+            raise ValueError(f"cannot filter on {column!r}; filter keys: {', '.join(FILTER_COLUMNS)}")
+        values = [value] if isinstance(value, str) else list(value)
+        if not values or not all(isinstance(v, str) and v for v in values):
+            raise ValueError(f"filter {column!r} needs a non-empty string or list of strings")
+        if len(values) == 1 and "*" in values[0]:
+            escaped = values[0].replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+            clauses.append(_FILTER_LIKE_SQL[column])
+            parameters.append(escaped.replace("*", "%"))
+        else:
+            clauses.append(_FILTER_IN_SQL[column])
+            parameters.append(values)
+    return clauses, parameters
 
 
 class WarehouseLockedError(RuntimeError):
@@ -428,16 +458,23 @@ class Warehouse:
             ORDER BY scope, metric_name, test_name, node_id, day
         """, [window_start, window_end]).df()
 
-    def window_points(self, window_start: datetime, window_end: datetime) -> pd.DataFrame:
-        """Every normalized point of the window with its metric's scope and direction."""
-        return self.con.execute("""
+    def window_points(self, window_start: datetime, window_end: datetime, *,
+                      metric_name: str | None = None,
+                      filters: Mapping[str, str | Sequence[str]] | None = None) -> pd.DataFrame:
+        """Every normalized point of the window with its metric's scope and direction,
+        optionally of one metric and only where `filters` match (see `filter_clauses`)."""
+        clauses, parameters = filter_clauses(filters or {})
+        if metric_name is not None:
+            clauses.append("n.metric_name = ?")
+            parameters.append(metric_name)
+        return self.con.execute(f"""
             SELECT n.timestamp, n.metric_name, n.test_name, n.test_type, n.node_id, n.node_type,
                    n.value, n.test_run_id, n.ci_job_id, n.commit_sha, c.scope AS metric_scope,
                    c.direction
             FROM normalized_timeseries n JOIN metric_catalog c USING (metric_name)
-            WHERE n.timestamp > ? AND n.timestamp <= ?
+            WHERE n.timestamp > ? AND n.timestamp <= ? {"".join(" AND " + c for c in clauses)}
             ORDER BY n.timestamp
-        """, [window_start, window_end]).df()
+        """, [window_start, window_end, *parameters]).df()
 
     def run_contexts(self, window_start: datetime, window_end: datetime) -> pd.DataFrame:
         """The context_data each run reported on each node in the window: one row per
@@ -523,10 +560,7 @@ class Warehouse:
         """Replace an analysis table's whole content with `frame` (columns in table order)."""
         if table not in TABLES:
             raise ValueError(f"not a perf_pipeline table: {table!r}")
-        columns = [row[0] for row in self.con.execute(
-            "SELECT column_name FROM information_schema.columns WHERE table_name = ? "
-            "ORDER BY ordinal_position", [table]).fetchall()]
-        self.con.register("replacement", frame[columns])
+        self.con.register("replacement", frame[self._columns(table)])
         try:
             with self.transaction():
                 self.con.execute(_CLEAR_SQL[table])
@@ -535,6 +569,11 @@ class Warehouse:
             self.con.unregister("replacement")
         return len(frame)
 
+    def _columns(self, table: str) -> list[str]:
+        return [row[0] for row in self.con.execute(
+            "SELECT column_name FROM information_schema.columns WHERE table_name = ? "
+            "ORDER BY ordinal_position", [table]).fetchall()]
+
     def top_trends(self, *, direction: str = "degrading", limit: int = 10) -> pd.DataFrame:
         return self.con.execute("""
             SELECT scope, metric_name, test_name, node_id, change_rate_percent,
@@ -542,6 +581,95 @@ class Warehouse:
             FROM trend_stats WHERE is_significant AND trend_direction = ?
             ORDER BY abs(change_over_window_percent) DESC NULLS LAST LIMIT ?
         """, [direction, limit]).df()
+
+    # ---------------------------------------------------------------- models and nodes
+
+    def hourly_points(self, metric_name: str, window_start: datetime,
+                      window_end: datetime) -> pd.DataFrame:
+        """Hourly means of one metric per test and node in the window, with their context."""
+        return self.con.execute("""
+            SELECT hour, mean AS value, node_id, node_type, test_name, test_type
+            FROM metric_rollups_hourly
+            WHERE metric_name = ? AND hour > ? AND hour <= ?
+            ORDER BY hour
+        """, [metric_name, window_start, window_end]).df()
+
+    def latest_models(self) -> pd.DataFrame:
+        """The newest performance_models row of every metric."""
+        return self.con.execute("""
+            SELECT * FROM performance_models
+            QUALIFY row_number() OVER (PARTITION BY metric_name ORDER BY trained_at DESC) = 1
+            ORDER BY metric_name
+        """).df()
+
+    def forget_model_files(self, files: Sequence[str]) -> None:
+        """Mark model files deleted from the store as gone from the registry."""
+        if files:
+            self.con.execute("UPDATE performance_models SET file = NULL "
+                             "WHERE file IN (SELECT unnest(CAST(? AS VARCHAR[])))", [list(files)])
+
+    def current_node_levels(self, as_of: datetime, *, hours: int = 24) -> pd.DataFrame:
+        """Each node metric's median per node over the last `hours` before `as_of`."""
+        return self.con.execute("""
+            SELECT n.node_id, n.metric_name, median(n.value) AS current_value, count(*) AS n
+            FROM normalized_timeseries n JOIN metric_catalog c USING (metric_name)
+            WHERE c.scope = 'node' AND n.timestamp > ? - to_hours(CAST(? AS BIGINT))
+                AND n.timestamp <= ?
+            GROUP BY n.node_id, n.metric_name ORDER BY n.node_id, n.metric_name
+        """, [as_of, hours, as_of]).df()
+
+    def fleet_medians(self, as_of: datetime, metrics: Sequence[str], *, days: int = 7) -> dict[str, float]:
+        """Fleet-wide medians of the given metrics over the last `days` before `as_of`."""
+        rows = self.con.execute("""
+            SELECT metric_name, median(value) FROM normalized_timeseries
+            WHERE metric_name IN (SELECT unnest(?)) AND timestamp > ? - to_days(CAST(? AS BIGINT))
+                AND timestamp <= ?
+            GROUP BY metric_name
+        """, [list(metrics), as_of, days, as_of]).fetchall()
+        return {name: float(value) for name, value in rows if value is not None}
+
+    def table(self, table: str) -> pd.DataFrame:
+        """A perf_pipeline table's whole content."""
+        if table not in TABLES:
+            raise ValueError(f"not a perf_pipeline table: {table!r}")
+        return self.con.execute(_SELECT_ALL_SQL[table]).df()
+
+    def append_table(self, table: str, frame: pd.DataFrame) -> int:
+        """Append `frame` (columns in table order) to a log table such as optimization_actions."""
+        if table not in TABLES:
+            raise ValueError(f"not a perf_pipeline table: {table!r}")
+        if frame.empty:
+            return 0
+        self.con.register("replacement", frame[self._columns(table)])
+        try:
+            self.con.execute(_INSERT_ALL_SQL[table])
+        finally:
+            self.con.unregister("replacement")
+        return len(frame)
+
+    def top_recommendations(self, *, limit: int = 10) -> pd.DataFrame:
+        return self.con.execute("""
+            SELECT severity, kind, subject, action, evidence, expected_gain
+            FROM optimization_recommendations
+            ORDER BY list_position(['critical', 'high', 'medium', 'low'], severity),
+                     expected_gain_percent DESC NULLS LAST LIMIT ?
+        """, [limit]).df()
+
+    def node_ranking(self, metric_name: str = "overall", *, limit: int = 100) -> pd.DataFrame:
+        return self.con.execute("""
+            SELECT node_id, score, rank, effect, evidence FROM node_performance_scores
+            WHERE metric_name = ? AND test_type IS NULL ORDER BY rank, node_id LIMIT ?
+        """, [metric_name, limit]).df()
+
+    def top_risks(self, *, limit: int = 10) -> pd.DataFrame:
+        return self.con.execute("""
+            SELECT node_id, max(node_risk_score) AS risk_score,
+                   arg_max(metric_name, risk_score) AS worst_metric,
+                   min(predicted_crossing) AS first_crossing,
+                   arg_max(evidence, risk_score) AS evidence
+            FROM node_health_risk GROUP BY node_id
+            HAVING max(node_risk_score) > 0 ORDER BY risk_score DESC LIMIT ?
+        """, [limit]).df()
 
     def table_names(self) -> set[str]:
         return {row[0] for row in self.con.execute(

@@ -51,9 +51,17 @@ def build_series(points: pd.DataFrame) -> pd.DataFrame:
     # A node is judged against the other nodes of the same run: the fleet's daily load
     # cycle and a code change reach every node alike and cancel; a node problem does not.
     run_level = relative.groupby([per_test["metric_name"], per_test["test_run_id"]]).transform("median")
+    speed = node_speed.where(node_speed > 0).fillna(1.0)
+    # A test is judged against the other tests of the same run (each at its node's
+    # speed): load that the whole fleet shares (busy afternoons, quiet weekends) moves every
+    # test of a run alike and cancels, while a code change that touches a few tests hardly
+    # moves the run's median. A change that slows every test alike cancels too: it shows
+    # only in the run's own series (scope "overall", `level` = the run's median ratio).
+    run_speed = (relative / speed).groupby([per_test["metric_name"], per_test["test_run_id"]]).transform("median")
     frames = [
-        per_test.assign(scope="test", node_id=None,
-                        level=per_test["value"] / node_speed.where(node_speed > 0).fillna(1.0)),
+        per_test.assign(scope="test", node_id=None, level=per_test["value"] / speed,
+                        run_level=run_speed,
+                        shift_level=per_test["value"] / speed / run_speed.where(run_speed > 0).fillna(1.0)),
         per_test.assign(scope="node", test_name=None,
                         level=relative / run_level.where(run_level > 0).fillna(1.0))
         .dropna(subset=["level"]),
@@ -84,14 +92,43 @@ def node_cycle(timestamps: pd.Series) -> int | None:
     return None
 
 
+def _judged(series: pd.DataFrame) -> pd.Series:
+    """The value change points are judged on: `shift_level` where build_series gives one
+    (a test's level relative to its run), else `level`."""
+    if "shift_level" not in series:
+        return series["level"]
+    return series["shift_level"].where(series["shift_level"].notna(), series["level"])
+
+
+def run_series(series: pd.DataFrame) -> pd.DataFrame:
+    """Each per-test metric's run level (the median over a run's tests of their ratio to
+    their own median, at their node's speed) as one overall series, a point per run. Tests
+    are judged relative to their run, so a change that moves every test alike (a slower
+    compiler, a slower fleet) is seen here and only here."""
+    tests = series[(series["scope"] == "test")]
+    if "run_level" not in tests or tests.empty:
+        return series.iloc[:0]
+    tests = tests.dropna(subset=["run_level"]).sort_values("timestamp", kind="stable")
+    runs = tests.groupby(["metric_name", "test_run_id"], sort=False).agg(
+        timestamp=("timestamp", "min"), ci_job_id=("ci_job_id", "first"), commit_sha=("commit_sha", "first"),
+        direction=("direction", "first"), level=("run_level", "first")).reset_index()
+    return runs.assign(scope="overall", test_name=None, node_id=None, metric_scope="run", run_shape=True)
+
+
 def series_change_points(series: pd.DataFrame, *,
                          settings: DetectorSettings = DEFAULT_SETTINGS) -> pd.DataFrame:
-    """Confirmed change points of every series, with the first run, job and commit after each."""
+    """Confirmed change points of every series, with the first run, job and commit after each.
+
+    Per-test metrics are also judged as one series of their run levels (`run_series`)."""
     rows = []
     keys = ["scope", "metric_name", "test_name", "node_id"]
+    series = pd.concat([series.assign(judged=_judged(series)), run_series(series)
+                        .assign(judged=lambda f: f["level"])], ignore_index=True)
     for (scope, metric, test, node), frame in series.groupby(keys, dropna=False, sort=True):
         frame = frame.sort_values("timestamp", kind="stable")
         sampled = frame["metric_scope"].iloc[0] == "node" and scope == "node"
+        if "run_shape" in frame and frame["run_shape"].iloc[0] == True:  # noqa: E712 (NaN elsewhere)
+            sampled = True  # a point per run: regular, and the fleet's load cycles are in it
         period, series_settings = None, settings
         if sampled:
             period = node_cycle(frame["timestamp"])
@@ -99,7 +136,7 @@ def series_change_points(series: pd.DataFrame, *,
             # node samples need a day on either side of a boundary.
             per_day = points_per_day(frame["timestamp"])
             series_settings = replace(settings, min_size=max(settings.min_size, per_day))
-        changes = detect_change_points(frame["level"].to_numpy(), direction=frame["direction"].iloc[0],
+        changes = detect_change_points(frame["judged"].to_numpy(), direction=frame["direction"].iloc[0],
                                        period=period, settings=series_settings)
         floor = MIN_SHARE_OF_ALERT_THRESHOLD * get_metric(metric).alert_threshold_percent
         for change in changes:
@@ -138,7 +175,7 @@ def _boundary_costs(members: pd.DataFrame, series: pd.DataFrame, reach: int
     first = members["timestamp"].min() - pd.Timedelta(hours=reach)
     last = members["timestamp"].max() + pd.Timedelta(hours=reach)
     candidates = [t for t in times if first <= t <= last]
-    logs = [(f["timestamp"].to_numpy(), np.log(f["level"].clip(lower=1e-12).to_numpy())) for f in frames]
+    logs = [(f["timestamp"].to_numpy(), np.log(_judged(f).clip(lower=1e-12).to_numpy())) for f in frames]
 
     def cost(boundary) -> float:
         total = 0.0
@@ -184,8 +221,8 @@ def group_incidents(changes: pd.DataFrame, series: pd.DataFrame | None = None, *
                     tolerance: pd.Timedelta = pd.Timedelta(hours=6),
                     node_tolerance: pd.Timedelta = pd.Timedelta(days=3)
                     ) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(changes with `incident_id`, incidents). Per-test changes within `tolerance` of each
-    other form one code-change incident (located jointly when `series` is given); one
+    """(changes with `incident_id`, incidents). Per-test changes of one kind within
+    `tolerance` of each other form one code-change incident (located jointly when `series` is given); one
     node's changes of one kind within `node_tolerance` form a node-problem incident (a node
     that degrades for weeks confirms a step every few days: it is one problem); per-run
     metrics' changes stand alone."""
@@ -218,8 +255,11 @@ def group_incidents(changes: pd.DataFrame, series: pd.DataFrame | None = None, *
         frame = frame.sort_values("timestamp")
         return frame.groupby((frame["timestamp"].diff() > gap).cumsum())
 
-    for _, members in clusters(changes[changes["scope"] == "test"], tolerance):
-        add(members, "code_change")
+    # Per kind, as for nodes: a regression next to an improvement (two commits a run
+    # apart) must not hide in a "mixed" incident.
+    for _, test_changes in changes[changes["scope"] == "test"].groupby("kind"):
+        for _, members in clusters(test_changes, tolerance):
+            add(members, "code_change")
     for _, node_changes in changes[changes["scope"] == "node"].groupby(["node_id", "kind"]):
         for _, members in clusters(node_changes, node_tolerance):
             add(members, "node_problem")

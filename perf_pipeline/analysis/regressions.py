@@ -24,6 +24,10 @@ MIN_CYCLES = 3
 # Confirmed but tiny shifts (a residue of the weekly cycle, a 2% wobble in memory) are not
 # worth a person's attention: a change must reach half the metric's alert threshold.
 MIN_SHARE_OF_ALERT_THRESHOLD = 0.5
+# The node metric that says how busy a node is: tests' node levels are judged net of it.
+LOAD_METRIC = "cpu_usage"
+# A node's slope of level on load needs this many points.
+MIN_LOAD_POINTS = 30
 CHANGE_COLUMNS = ["scope", "metric_name", "test_name", "node_id", "timestamp", "first_test_run_id",
                   "first_ci_job_id", "first_commit", "before", "after", "magnitude_percent",
                   "p_value", "effect_size", "kind", "shape", "end_timestamp", "n_points"]
@@ -58,18 +62,58 @@ def build_series(points: pd.DataFrame) -> pd.DataFrame:
     # moves the run's median. A change that slows every test alike cancels too: it shows
     # only in the run's own series (scope "overall", `level` = the run's median ratio).
     run_speed = (relative / speed).groupby([per_test["metric_name"], per_test["test_run_id"]]).transform("median")
+    node_level = relative / run_level.where(run_level > 0).fillna(1.0)
     frames = [
         per_test.assign(scope="test", node_id=None, level=per_test["value"] / speed,
                         run_level=run_speed,
                         shift_level=per_test["value"] / speed / run_speed.where(run_speed > 0).fillna(1.0)),
-        per_test.assign(scope="node", test_name=None,
-                        level=relative / run_level.where(run_level > 0).fillna(1.0))
+        per_test.assign(scope="node", test_name=None, level=node_level,
+                        shift_level=node_level / _load_factor(per_test, node_level, points))
         .dropna(subset=["level"]),
         points[points["metric_scope"] == "node"].assign(scope="node", level=lambda f: f["value"]),
         points[points["metric_scope"] == "run"].assign(scope="overall", test_name=None, node_id=None,
                                                       level=lambda f: f["value"]),
     ]
     return pd.concat(frames, ignore_index=True)
+
+
+def _load_factor(per_test: pd.DataFrame, node_level: pd.Series, points: pd.DataFrame) -> pd.Series:
+    """How much each per-test point's node level owes to its node running busier or idler
+    than the fleet at that hour (its LOAD_METRIC sample against the fleet's median), as a
+    factor (1 where the node reports no load).
+
+    Durations follow the load of the node they ran on. The run's median cancels the load
+    the fleet shares, but a node busier than its peers (a larger share of the daily and
+    weekly cycle, hours of autocorrelated load) still wanders against them, and the wander
+    read as node problems on quiet nodes. Per metric, the log level's slope on the load
+    difference is the median of the nodes' least-squares slopes (one odd node cannot set
+    it; a metric that does not follow load gets a slope near zero). A node problem that
+    shows as load (a runaway process) is then seen in the load metric's own series, not in
+    its tests' durations."""
+    load = points[(points["metric_scope"] == "node") & (points["metric_name"] == LOAD_METRIC)]
+    factor = pd.Series(1.0, index=per_test.index)
+    if load.empty or per_test.empty:
+        return factor
+    hour = load["timestamp"].dt.floor("h")
+    load = (load.assign(excess=load["value"] - load["value"].groupby(hour).transform("median"))
+            [["timestamp", "node_id", "excess"]].dropna().sort_values("timestamp"))
+    frame = per_test[["timestamp", "node_id", "metric_name"]].assign(
+        log_level=np.log(node_level.where(node_level > 0)), row=per_test.index)
+    frame = pd.merge_asof(frame.dropna(subset=["log_level", "node_id"]).sort_values("timestamp"), load,
+                          on="timestamp", by="node_id", direction="nearest",
+                          tolerance=pd.Timedelta(hours=1)).dropna(subset=["excess"])
+
+    def slope(group: pd.DataFrame) -> float:
+        x = group["excess"] - group["excess"].mean()
+        denominator = float((x**2).sum())
+        return float((x * (group["log_level"] - group["log_level"].mean())).sum() / denominator) \
+            if len(group) >= MIN_LOAD_POINTS and denominator > 0 else np.nan
+
+    for metric, group in frame.groupby("metric_name"):
+        slopes = group.groupby("node_id")[["excess", "log_level"]].apply(slope).dropna()
+        if len(slopes):
+            factor[group["row"].to_numpy()] = np.exp(float(slopes.median()) * group["excess"].to_numpy())
+    return factor
 
 
 def points_per_day(timestamps: pd.Series) -> int:

@@ -116,6 +116,7 @@ _MAX_STRETCH_ALPHA = 0.5
 # than the stretch's alpha, up to a limit.
 _PERMUTATION_RESOLUTION = 20
 _MAX_PERMUTATIONS = 20_000
+_MIN_RARE_PER_SIDE = 1.0
 # A mean of fewer points than this keeps too much of skewed or heavy-tailed noise for the
 # t's normal tail: where a side is this short, a rank test must pass as well.
 _SHORT_SIDE = 30
@@ -596,6 +597,11 @@ def _max_split_z_rows(rows: np.ndarray, min_size: int) -> np.ndarray:
     return np.max(np.abs(bridge) / np.sqrt(k * (n - k) / n), axis=1)
 
 
+def _mode(values: np.ndarray) -> float:
+    distinct, counts = np.unique(values, return_counts=True)
+    return float(distinct[np.argmax(counts)])
+
+
 def _permutation_changes(y: np.ndarray, settings: DetectorSettings) -> list[tuple[int, float, float]]:
     """Changes of a series whose values are mostly one value: (index, p-value, effect).
 
@@ -605,7 +611,10 @@ def _permutation_changes(y: np.ndarray, settings: DetectorSettings) -> list[tupl
     rare retries, a pass rate that sits at 100% and then drops), at the same per-point
     false-alarm rate as other series; a change found splits the stretch, and each side is
     judged again (binary segmentation)."""
-    h = settings.min_size
+    # Each side must be long enough to expect one of the values off the usual one: else a
+    # handful of rare events that happen to sit at an end of the window pass for a change.
+    rare = float(np.mean(y != _mode(y)))
+    h = max(settings.min_size, math.ceil(_MIN_RARE_PER_SIDE / rare) if rare > 0 else 0)
     rng = np.random.default_rng(0)  # the same series always gets the same answer
     found: list[tuple[int, float, float]] = []
 

@@ -24,6 +24,8 @@ MIN_CYCLES = 3
 # Confirmed but tiny shifts (a residue of the weekly cycle, a 2% wobble in memory) are not
 # worth a person's attention: a change must reach half the metric's alert threshold.
 MIN_SHARE_OF_ALERT_THRESHOLD = 0.5
+# A test is judged against its run only where the run holds this many tests of the metric.
+MIN_RUN_TESTS = 10
 # The node metric that says how busy a node is: tests' node levels are judged net of it.
 LOAD_METRIC = "cpu_usage"
 # A node's slope of level on load needs this many points.
@@ -61,7 +63,10 @@ def build_series(points: pd.DataFrame) -> pd.DataFrame:
     # test of a run alike and cancels, while a code change that touches a few tests hardly
     # moves the run's median. A change that slows every test alike cancels too: it shows
     # only in the run's own series (scope "overall", `level` = the run's median ratio).
-    run_speed = (relative / speed).groupby([per_test["metric_name"], per_test["test_run_id"]]).transform("median")
+    # The median stands for the fleet only where a run holds many tests: of two tests, one
+    # that drifts would drag the other the opposite way. Smaller runs keep plain levels.
+    by_run = (relative / speed).groupby([per_test["metric_name"], per_test["test_run_id"]])
+    run_speed = by_run.transform("median").where(by_run.transform("count") >= MIN_RUN_TESTS)
     node_level = relative / run_level.where(run_level > 0).fillna(1.0)
     frames = [
         per_test.assign(scope="test", node_id=None, level=per_test["value"] / speed,

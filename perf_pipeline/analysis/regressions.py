@@ -2,9 +2,11 @@
 
 Series: each per-test metric per test (all nodes), each metric per node (per-test metrics
 as ratios to the test's median, so the node's test mix does not matter), and each per-run
-metric overall. A change that many tests share at the same run is a code change; a change
-on one node is a node problem: the two call for different people (bisect the commit,
-drain the node).
+metric overall; per-test metrics are judged net of the load the fleet shares (a test
+against its run, a node against its own load), so each also has a series of its run
+levels, where a change that moves every test alike shows. A change that many tests share
+at the same run is a code change; a change on one node is a node problem: the two call for
+different people (bisect the commit, drain the node).
 """
 
 from __future__ import annotations
@@ -44,7 +46,10 @@ def build_series(points: pd.DataFrame) -> pd.DataFrame:
     commit_sha, metric_scope ("test" | "node" | "run") and direction. Returns the rows again
     with `scope` ("test" | "node" | "overall"), the value to analyse, `level`, the node
     each point ran on, `run_node_id` (a test's series spans nodes: its `node_id` is empty),
-    and for per-test metrics the plain ratio to the test's median, `relative`.
+    and for per-test metrics the plain ratio to the test's median, `relative`. Per-test
+    metrics' rows also carry `shift_level`, the level change points are judged on (a test's
+    level relative to its run's `run_factor`; a node's net of its own load), which
+    cancels load that the fleet or the node shares with its peers.
     """
     points = points.assign(run_node_id=points["node_id"])
     per_test = points[points["metric_scope"] == "test"]
@@ -62,7 +67,7 @@ def build_series(points: pd.DataFrame) -> pd.DataFrame:
     # speed): load that the whole fleet shares (busy afternoons, quiet weekends) moves every
     # test of a run alike and cancels, while a code change that touches a few tests hardly
     # moves the run's median. A change that slows every test alike cancels too: it shows
-    # only in the run's own series (scope "overall", `level` = the run's median ratio).
+    # only in the run's own series (`run_series`: scope "overall", the run's median ratio).
     # The median stands for the fleet only where a run holds many tests: of two tests, one
     # that drifts would drag the other the opposite way. Smaller runs keep plain levels.
     by_run = (relative / speed).groupby([per_test["metric_name"], per_test["test_run_id"]])
@@ -70,7 +75,7 @@ def build_series(points: pd.DataFrame) -> pd.DataFrame:
     node_level = relative / run_level.where(run_level > 0).fillna(1.0)
     frames = [
         per_test.assign(scope="test", node_id=None, level=per_test["value"] / speed,
-                        run_level=run_speed,
+                        run_factor=run_speed,
                         shift_level=per_test["value"] / speed / run_speed.where(run_speed > 0).fillna(1.0)),
         per_test.assign(scope="node", test_name=None, level=node_level,
                         shift_level=node_level / _load_factor(per_test, node_level, points))
@@ -155,12 +160,12 @@ def run_series(series: pd.DataFrame) -> pd.DataFrame:
     are judged relative to their run, so a change that moves every test alike (a slower
     compiler, a slower fleet) is seen here and only here."""
     tests = series[(series["scope"] == "test")]
-    if "run_level" not in tests or tests.empty:
+    if "run_factor" not in tests or tests.empty:
         return series.iloc[:0]
-    tests = tests.dropna(subset=["run_level"]).sort_values("timestamp", kind="stable")
+    tests = tests.dropna(subset=["run_factor"]).sort_values("timestamp", kind="stable")
     runs = tests.groupby(["metric_name", "test_run_id"], sort=False).agg(
         timestamp=("timestamp", "min"), ci_job_id=("ci_job_id", "first"), commit_sha=("commit_sha", "first"),
-        direction=("direction", "first"), level=("run_level", "first")).reset_index()
+        direction=("direction", "first"), level=("run_factor", "first")).reset_index()
     return runs.assign(scope="overall", test_name=None, node_id=None, metric_scope="run", run_shape=True)
 
 

@@ -158,7 +158,7 @@ def run_series(series: pd.DataFrame) -> pd.DataFrame:
     """Each per-test metric's run level (the median over a run's tests of their ratio to
     their own median, at their node's speed) as one overall series, a point per run. Tests
     are judged relative to their run, so a change that moves every test alike (a slower
-    compiler, a slower fleet) is seen here and only here."""
+    compiler) is seen here and only here. `judged` is the level net of the fleet's load."""
     tests = series[(series["scope"] == "test")]
     if "run_factor" not in tests or tests.empty:
         return series.iloc[:0]
@@ -166,7 +166,24 @@ def run_series(series: pd.DataFrame) -> pd.DataFrame:
     runs = tests.groupby(["metric_name", "test_run_id"], sort=False).agg(
         timestamp=("timestamp", "min"), ci_job_id=("ci_job_id", "first"), commit_sha=("commit_sha", "first"),
         direction=("direction", "first"), level=("run_factor", "first")).reset_index()
-    return runs.assign(scope="overall", test_name=None, node_id=None, metric_scope="run", run_shape=True)
+    runs = runs.assign(scope="overall", test_name=None, node_id=None, metric_scope="run", run_shape=True)
+    # The fleet's own load moves every test of a run: judged net of the fleet's median
+    # LOAD_METRIC at that hour (a log-linear fit per metric), as a node is net of its own.
+    load = series[(series["scope"] == "node") & (series["metric_name"] == LOAD_METRIC)]
+    if load.empty:
+        return runs.assign(judged=runs["level"])
+    fleet = (load["value"].groupby(load["timestamp"].dt.floor("h")).median()
+             .rename("fleet_load").rename_axis("load_hour").reset_index())
+    runs = runs.assign(load_hour=runs["timestamp"].dt.floor("h")).merge(fleet, on="load_hour", how="left")
+    judged = runs["level"].copy()
+    for _, group in runs[(runs["level"] > 0) & runs["fleet_load"].notna()].groupby("metric_name"):
+        x = group["fleet_load"] - group["fleet_load"].median()
+        y = np.log(group["level"])
+        centred = x - x.mean()
+        if len(group) >= MIN_LOAD_POINTS and float((centred**2).sum()) > 0:
+            slope = float((centred * (y - y.mean())).sum() / (centred**2).sum())
+            judged[group.index] = group["level"] / np.exp(slope * x)
+    return runs.drop(columns=["load_hour", "fleet_load"]).assign(judged=judged)
 
 
 def series_change_points(series: pd.DataFrame, *,
@@ -176,8 +193,7 @@ def series_change_points(series: pd.DataFrame, *,
     Per-test metrics are also judged as one series of their run levels (`run_series`)."""
     rows = []
     keys = ["scope", "metric_name", "test_name", "node_id"]
-    series = pd.concat([series.assign(judged=_judged(series)), run_series(series)
-                        .assign(judged=lambda f: f["level"])], ignore_index=True)
+    series = pd.concat([series.assign(judged=_judged(series)), run_series(series)], ignore_index=True)
     for (scope, metric, test, node), frame in series.groupby(keys, dropna=False, sort=True):
         frame = frame.sort_values("timestamp", kind="stable")
         sampled = frame["metric_scope"].iloc[0] == "node" and scope == "node"

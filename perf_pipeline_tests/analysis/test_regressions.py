@@ -56,6 +56,7 @@ def test_a_fleet_wide_load_cycle_raises_no_more_than_noise_does():
     assert retried.empty, retried
     found = changes[changes["metric_name"] == "test_execution_time"]
     assert len(found) <= budget, found[["scope", "test_name", "node_id", "magnitude_percent"]]
+    assert (found["scope"] != "overall").all()  # the run series is judged net of the fleet's load
     # the cycle is strong enough to matter: judged on the plain levels, tests and nodes
     # read it as level shifts
     plain = series_change_points(series.drop(columns=["shift_level"]))

@@ -67,7 +67,7 @@ import ruptures as rpt
 from scipy import optimize
 from scipy.special import ndtr
 
-from perf_pipeline.analysis.robust import MAD_TO_SIGMA, ar1_variance_inflation
+from perf_pipeline.analysis.robust import MAD_TO_SIGMA, ar1_variance_inflation, mostly_one_value
 
 LOWER_IS_BETTER = "lower_is_better"
 HIGHER_IS_BETTER = "higher_is_better"
@@ -111,6 +111,12 @@ DEFAULT_SETTINGS = DetectorSettings()
 _PERIOD_RATIO = 0.7
 # No stretch is judged at a false-alarm probability above this, however long it is.
 _MAX_STRETCH_ALPHA = 0.5
+# Series where one value holds half the points (rare-event counts, rates at 100%) are
+# judged by permutation: enough random orders to tell a p-value this many times smaller
+# than the stretch's alpha, up to a limit.
+_PERMUTATION_RESOLUTION = 20
+_MAX_PERMUTATIONS = 20_000
+_MIN_RARE_PER_SIDE = 1.0
 # A mean of fewer points than this keeps too much of skewed or heavy-tailed noise for the
 # t's normal tail: where a side is this short, a rank test must pass as well.
 _SHORT_SIDE = 30
@@ -582,6 +588,62 @@ def _changes(x: np.ndarray, settings: DetectorSettings, cycle: int | None) -> li
     return _confirm(x, bounds, sigma, settings, cycle)
 
 
+def _max_split_z_rows(rows: np.ndarray, min_size: int) -> np.ndarray:
+    """`max |_split_z|` of every row (unit noise: the rows share their values, so their
+    spreads are equal and need not be divided out)."""
+    n = rows.shape[1]
+    k = np.arange(min_size, n - min_size + 1)
+    bridge = np.cumsum(rows - rows.mean(axis=1, keepdims=True), axis=1)[:, k - 1]
+    return np.max(np.abs(bridge) / np.sqrt(k * (n - k) / n), axis=1)
+
+
+def _mode(values: np.ndarray) -> float:
+    distinct, counts = np.unique(values, return_counts=True)
+    return float(distinct[np.argmax(counts)])
+
+
+def _permutation_changes(y: np.ndarray, settings: DetectorSettings) -> list[tuple[int, float, float]]:
+    """Changes of a series whose values are mostly one value: (index, p-value, effect).
+
+    Robust scales are zero there and the normal tail of a mean of rare events is wrong, so
+    each stretch's best split is judged against the best splits of random orders of the
+    same values (exact for independent values, whatever their distribution: a count of
+    rare retries, a pass rate that sits at 100% and then drops), at the same per-point
+    false-alarm rate as other series; a change found splits the stretch, and each side is
+    judged again (binary segmentation)."""
+    # Each side must be long enough to expect one of the values off the usual one: else a
+    # handful of rare events that happen to sit at an end of the window pass for a change.
+    rare = float(np.mean(y != _mode(y)))
+    h = max(settings.min_size, math.ceil(_MIN_RARE_PER_SIDE / rare) if rare > 0 else 0)
+    rng = np.random.default_rng(0)  # the same series always gets the same answer
+    found: list[tuple[int, float, float]] = []
+
+    def scan(a: int, b: int) -> None:
+        x = y[a:b]
+        m = len(x)
+        if m < 2 * h or np.ptp(x) == 0:
+            return
+        z = np.abs(_split_z(x, h))
+        k, observed = int(np.argmax(z)) + h, float(np.max(z))
+        threshold = _stretch_alpha(m, settings.alpha)
+        draws = int(min(_MAX_PERMUTATIONS, math.ceil(_PERMUTATION_RESOLUTION / threshold)))
+        exceed = 0
+        for first in range(0, draws, 2_000):
+            rows = rng.permuted(np.tile(x, (min(2_000, draws - first), 1)), axis=1)
+            exceed += int(np.sum(_max_split_z_rows(rows, h) >= observed * (1 - 1e-9)))
+        p_value = exceed / draws  # the share of random orders that split as well
+        spread = float(np.std(x))
+        effect = abs(float(np.mean(x[k:]) - np.mean(x[:k]))) / spread if spread > 0 else 0.0
+        if p_value > threshold or effect < settings.min_effect:
+            return
+        scan(a, a + k)
+        found.append((a + k, p_value, effect))
+        scan(a + k, b)
+
+    scan(0, len(y))
+    return sorted(found)
+
+
 def detect_change_points(values: Sequence[float], *, timestamps: Sequence | None = None,
                          direction: str = LOWER_IS_BETTER, period: int | None = None,
                          settings: DetectorSettings = DEFAULT_SETTINGS) -> list[ChangePoint]:
@@ -595,6 +657,8 @@ def detect_change_points(values: Sequence[float], *, timestamps: Sequence | None
     y = raw[keep]
     if len(y) < 2 * settings.min_size:
         return []
+    if mostly_one_value(y):
+        return _changes_of_mostly_one_value(y, keep, timestamps, direction, settings)
     logged = _log_if_skewed(y)
     if period is not None and len(y) < 3 * period:
         period = None  # fewer than three cycles cannot be told from level changes
@@ -649,4 +713,22 @@ def detect_change_points(values: Sequence[float], *, timestamps: Sequence | None
             effect_size=effect, end_index=int(keep[end]) if end is not None else None,
             timestamp=timestamps[int(keep[k])] if timestamps is not None else None))
         i = j + 1
+    return changes
+
+
+def _changes_of_mostly_one_value(y: np.ndarray, keep: np.ndarray, timestamps: Sequence | None,
+                                 direction: str, settings: DetectorSettings) -> list[ChangePoint]:
+    """`_permutation_changes` as ChangePoints: levels are means (the median of a rare-event
+    count is 0 on both sides), and every change is a step."""
+    confirmed = _permutation_changes(y, settings)
+    edges = [0, *[k for k, _, _ in confirmed], len(y)]
+    sign = 1 if direction == LOWER_IS_BETTER else -1
+    changes = []
+    for m, (k, p_value, effect) in enumerate(confirmed):
+        before, after = float(np.mean(y[edges[m]:k])), float(np.mean(y[k:edges[m + 2]]))
+        magnitude = (after - before) / abs(before) * 100 if abs(before) > 1e-9 else None
+        changes.append(ChangePoint(
+            index=int(keep[k]), before=before, after=after, magnitude_percent=magnitude,
+            p_value=p_value, kind="regression" if np.sign(after - before) * sign > 0 else "improvement",
+            effect_size=effect, timestamp=timestamps[int(keep[k])] if timestamps is not None else None))
     return changes

@@ -2,9 +2,11 @@
 
 Series: each per-test metric per test (all nodes), each metric per node (per-test metrics
 as ratios to the test's median, so the node's test mix does not matter), and each per-run
-metric overall. A change that many tests share at the same run is a code change; a change
-on one node is a node problem: the two call for different people (bisect the commit,
-drain the node).
+metric overall; per-test metrics are judged net of the load the fleet shares (a test
+against its run, a node against its own load), so each also has a series of its run
+levels, where a change that moves every test alike shows. A change that many tests share
+at the same run is a code change; a change on one node is a node problem: the two call for
+different people (bisect the commit, drain the node).
 """
 
 from __future__ import annotations
@@ -24,6 +26,12 @@ MIN_CYCLES = 3
 # Confirmed but tiny shifts (a residue of the weekly cycle, a 2% wobble in memory) are not
 # worth a person's attention: a change must reach half the metric's alert threshold.
 MIN_SHARE_OF_ALERT_THRESHOLD = 0.5
+# A test is judged against its run only where the run holds this many tests of the metric.
+MIN_RUN_TESTS = 10
+# The node metric that says how busy a node is: tests' node levels are judged net of it.
+LOAD_METRIC = "cpu_usage"
+# A node's slope of level on load needs this many points.
+MIN_LOAD_POINTS = 30
 CHANGE_COLUMNS = ["scope", "metric_name", "test_name", "node_id", "timestamp", "first_test_run_id",
                   "first_ci_job_id", "first_commit", "before", "after", "magnitude_percent",
                   "p_value", "effect_size", "kind", "shape", "end_timestamp", "n_points"]
@@ -38,7 +46,10 @@ def build_series(points: pd.DataFrame) -> pd.DataFrame:
     commit_sha, metric_scope ("test" | "node" | "run") and direction. Returns the rows again
     with `scope` ("test" | "node" | "overall"), the value to analyse, `level`, the node
     each point ran on, `run_node_id` (a test's series spans nodes: its `node_id` is empty),
-    and for per-test metrics the plain ratio to the test's median, `relative`.
+    and for per-test metrics the plain ratio to the test's median, `relative`. Per-test
+    metrics' rows also carry `shift_level`, the level change points are judged on (a test's
+    level relative to its run's `run_factor`; a node's net of its own load), which
+    cancels load that the fleet or the node shares with its peers.
     """
     points = points.assign(run_node_id=points["node_id"])
     per_test = points[points["metric_scope"] == "test"]
@@ -51,17 +62,68 @@ def build_series(points: pd.DataFrame) -> pd.DataFrame:
     # A node is judged against the other nodes of the same run: the fleet's daily load
     # cycle and a code change reach every node alike and cancel; a node problem does not.
     run_level = relative.groupby([per_test["metric_name"], per_test["test_run_id"]]).transform("median")
+    speed = node_speed.where(node_speed > 0).fillna(1.0)
+    # A test is judged against the other tests of the same run (each at its node's
+    # speed): load that the whole fleet shares (busy afternoons, quiet weekends) moves every
+    # test of a run alike and cancels, while a code change that touches a few tests hardly
+    # moves the run's median. A change that slows every test alike cancels too: it shows
+    # only in the run's own series (`run_series`: scope "overall", the run's median ratio).
+    # The median stands for the fleet only where a run holds many tests: of two tests, one
+    # that drifts would drag the other the opposite way. Smaller runs keep plain levels.
+    by_run = (relative / speed).groupby([per_test["metric_name"], per_test["test_run_id"]])
+    run_speed = by_run.transform("median").where(by_run.transform("count") >= MIN_RUN_TESTS)
+    node_level = relative / run_level.where(run_level > 0).fillna(1.0)
     frames = [
-        per_test.assign(scope="test", node_id=None,
-                        level=per_test["value"] / node_speed.where(node_speed > 0).fillna(1.0)),
-        per_test.assign(scope="node", test_name=None,
-                        level=relative / run_level.where(run_level > 0).fillna(1.0))
+        per_test.assign(scope="test", node_id=None, level=per_test["value"] / speed,
+                        run_factor=run_speed,
+                        shift_level=per_test["value"] / speed / run_speed.where(run_speed > 0).fillna(1.0)),
+        per_test.assign(scope="node", test_name=None, level=node_level,
+                        shift_level=node_level / _load_factor(per_test, node_level, points))
         .dropna(subset=["level"]),
         points[points["metric_scope"] == "node"].assign(scope="node", level=lambda f: f["value"]),
         points[points["metric_scope"] == "run"].assign(scope="overall", test_name=None, node_id=None,
                                                       level=lambda f: f["value"]),
     ]
     return pd.concat(frames, ignore_index=True)
+
+
+def _load_factor(per_test: pd.DataFrame, node_level: pd.Series, points: pd.DataFrame) -> pd.Series:
+    """How much each per-test point's node level owes to its node running busier or idler
+    than the fleet at that hour (its LOAD_METRIC sample against the fleet's median), as a
+    factor (1 where the node reports no load).
+
+    Durations follow the load of the node they ran on. The run's median cancels the load
+    the fleet shares, but a node busier than its peers (a larger share of the daily and
+    weekly cycle, hours of autocorrelated load) still wanders against them, and the wander
+    read as node problems on quiet nodes. Per metric, the log level's slope on the load
+    difference is the median of the nodes' least-squares slopes (one odd node cannot set
+    it; a metric that does not follow load gets a slope near zero). A node problem that
+    shows as load (a runaway process) is then seen in the load metric's own series, not in
+    its tests' durations."""
+    load = points[(points["metric_scope"] == "node") & (points["metric_name"] == LOAD_METRIC)]
+    factor = pd.Series(1.0, index=per_test.index)
+    if load.empty or per_test.empty:
+        return factor
+    hour = load["timestamp"].dt.floor("h")
+    load = (load.assign(excess=load["value"] - load["value"].groupby(hour).transform("median"))
+            [["timestamp", "node_id", "excess"]].dropna().sort_values("timestamp"))
+    frame = per_test[["timestamp", "node_id", "metric_name"]].assign(
+        log_level=np.log(node_level.where(node_level > 0)), row=per_test.index)
+    frame = pd.merge_asof(frame.dropna(subset=["log_level", "node_id"]).sort_values("timestamp"), load,
+                          on="timestamp", by="node_id", direction="nearest",
+                          tolerance=pd.Timedelta(hours=1)).dropna(subset=["excess"])
+
+    def slope(group: pd.DataFrame) -> float:
+        x = group["excess"] - group["excess"].mean()
+        denominator = float((x**2).sum())
+        return float((x * (group["log_level"] - group["log_level"].mean())).sum() / denominator) \
+            if len(group) >= MIN_LOAD_POINTS and denominator > 0 else np.nan
+
+    for metric, group in frame.groupby("metric_name"):
+        slopes = group.groupby("node_id")[["excess", "log_level"]].apply(slope).dropna()
+        if len(slopes):
+            factor[group["row"].to_numpy()] = np.exp(float(slopes.median()) * group["excess"].to_numpy())
+    return factor
 
 
 def points_per_day(timestamps: pd.Series) -> int:
@@ -84,14 +146,59 @@ def node_cycle(timestamps: pd.Series) -> int | None:
     return None
 
 
+def _judged(series: pd.DataFrame) -> pd.Series:
+    """The value change points are judged on: `shift_level` where build_series gives one
+    (a test's level relative to its run), else `level`."""
+    if "shift_level" not in series:
+        return series["level"]
+    return series["shift_level"].where(series["shift_level"].notna(), series["level"])
+
+
+def run_series(series: pd.DataFrame) -> pd.DataFrame:
+    """Each per-test metric's run level (the median over a run's tests of their ratio to
+    their own median, at their node's speed) as one overall series, a point per run. Tests
+    are judged relative to their run, so a change that moves every test alike (a slower
+    compiler) is seen here and only here. `judged` is the level net of the fleet's load."""
+    tests = series[(series["scope"] == "test")]
+    if "run_factor" not in tests or tests.empty:
+        return series.iloc[:0]
+    tests = tests.dropna(subset=["run_factor"]).sort_values("timestamp", kind="stable")
+    runs = tests.groupby(["metric_name", "test_run_id"], sort=False).agg(
+        timestamp=("timestamp", "min"), ci_job_id=("ci_job_id", "first"), commit_sha=("commit_sha", "first"),
+        direction=("direction", "first"), level=("run_factor", "first")).reset_index()
+    runs = runs.assign(scope="overall", test_name=None, node_id=None, metric_scope="run", run_shape=True)
+    # The fleet's own load moves every test of a run: judged net of the fleet's median
+    # LOAD_METRIC at that hour (a log-linear fit per metric), as a node is net of its own.
+    load = series[(series["scope"] == "node") & (series["metric_name"] == LOAD_METRIC)]
+    if load.empty:
+        return runs.assign(judged=runs["level"])
+    fleet = (load["value"].groupby(load["timestamp"].dt.floor("h")).median()
+             .rename("fleet_load").rename_axis("load_hour").reset_index())
+    runs = runs.assign(load_hour=runs["timestamp"].dt.floor("h")).merge(fleet, on="load_hour", how="left")
+    judged = runs["level"].copy()
+    for _, group in runs[(runs["level"] > 0) & runs["fleet_load"].notna()].groupby("metric_name"):
+        x = group["fleet_load"] - group["fleet_load"].median()
+        y = np.log(group["level"])
+        centred = x - x.mean()
+        if len(group) >= MIN_LOAD_POINTS and float((centred**2).sum()) > 0:
+            slope = float((centred * (y - y.mean())).sum() / (centred**2).sum())
+            judged[group.index] = group["level"] / np.exp(slope * x)
+    return runs.drop(columns=["load_hour", "fleet_load"]).assign(judged=judged)
+
+
 def series_change_points(series: pd.DataFrame, *,
                          settings: DetectorSettings = DEFAULT_SETTINGS) -> pd.DataFrame:
-    """Confirmed change points of every series, with the first run, job and commit after each."""
+    """Confirmed change points of every series, with the first run, job and commit after each.
+
+    Per-test metrics are also judged as one series of their run levels (`run_series`)."""
     rows = []
     keys = ["scope", "metric_name", "test_name", "node_id"]
+    series = pd.concat([series.assign(judged=_judged(series)), run_series(series)], ignore_index=True)
     for (scope, metric, test, node), frame in series.groupby(keys, dropna=False, sort=True):
         frame = frame.sort_values("timestamp", kind="stable")
         sampled = frame["metric_scope"].iloc[0] == "node" and scope == "node"
+        if "run_shape" in frame and frame["run_shape"].iloc[0] == True:  # noqa: E712 (NaN elsewhere)
+            sampled = True  # a point per run: regular, and the fleet's load cycles are in it
         period, series_settings = None, settings
         if sampled:
             period = node_cycle(frame["timestamp"])
@@ -99,7 +206,7 @@ def series_change_points(series: pd.DataFrame, *,
             # node samples need a day on either side of a boundary.
             per_day = points_per_day(frame["timestamp"])
             series_settings = replace(settings, min_size=max(settings.min_size, per_day))
-        changes = detect_change_points(frame["level"].to_numpy(), direction=frame["direction"].iloc[0],
+        changes = detect_change_points(frame["judged"].to_numpy(), direction=frame["direction"].iloc[0],
                                        period=period, settings=series_settings)
         floor = MIN_SHARE_OF_ALERT_THRESHOLD * get_metric(metric).alert_threshold_percent
         for change in changes:
@@ -138,7 +245,7 @@ def _boundary_costs(members: pd.DataFrame, series: pd.DataFrame, reach: int
     first = members["timestamp"].min() - pd.Timedelta(hours=reach)
     last = members["timestamp"].max() + pd.Timedelta(hours=reach)
     candidates = [t for t in times if first <= t <= last]
-    logs = [(f["timestamp"].to_numpy(), np.log(f["level"].clip(lower=1e-12).to_numpy())) for f in frames]
+    logs = [(f["timestamp"].to_numpy(), np.log(_judged(f).clip(lower=1e-12).to_numpy())) for f in frames]
 
     def cost(boundary) -> float:
         total = 0.0
@@ -184,8 +291,8 @@ def group_incidents(changes: pd.DataFrame, series: pd.DataFrame | None = None, *
                     tolerance: pd.Timedelta = pd.Timedelta(hours=6),
                     node_tolerance: pd.Timedelta = pd.Timedelta(days=3)
                     ) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(changes with `incident_id`, incidents). Per-test changes within `tolerance` of each
-    other form one code-change incident (located jointly when `series` is given); one
+    """(changes with `incident_id`, incidents). Per-test changes of one kind within
+    `tolerance` of each other form one code-change incident (located jointly when `series` is given); one
     node's changes of one kind within `node_tolerance` form a node-problem incident (a node
     that degrades for weeks confirms a step every few days: it is one problem); per-run
     metrics' changes stand alone."""
@@ -218,8 +325,11 @@ def group_incidents(changes: pd.DataFrame, series: pd.DataFrame | None = None, *
         frame = frame.sort_values("timestamp")
         return frame.groupby((frame["timestamp"].diff() > gap).cumsum())
 
-    for _, members in clusters(changes[changes["scope"] == "test"], tolerance):
-        add(members, "code_change")
+    # Per kind, as for nodes: a regression next to an improvement (two commits a run
+    # apart) must not hide in a "mixed" incident.
+    for _, test_changes in changes[changes["scope"] == "test"].groupby("kind"):
+        for _, members in clusters(test_changes, tolerance):
+            add(members, "code_change")
     for _, node_changes in changes[changes["scope"] == "node"].groupby(["node_id", "kind"]):
         for _, members in clusters(node_changes, node_tolerance):
             add(members, "node_problem")

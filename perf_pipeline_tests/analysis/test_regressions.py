@@ -1,0 +1,107 @@
+"""Series, change points and incidents of a small fleet built by hand: load the fleet shares
+is not a change, kinds stay apart, rare-event counts are judged as counts."""
+
+import numpy as np
+import pandas as pd
+
+from perf_pipeline.analysis.change_points import HIGHER_IS_BETTER, detect_change_points
+from perf_pipeline.analysis.regressions import build_series, group_incidents, series_change_points
+from perf_pipeline.ingest.simulator import LOAD_SENSITIVITY, _ar1, _load_shape
+
+START = pd.Timestamp("2026-10-01")
+RUNS_PER_DAY, DAYS, NODES, TESTS = 12, 30, 8, 30
+
+
+def _fleet(seed: int, *, slowdown_at: int | None = None, retries: bool = False) -> pd.DataFrame:
+    """Normalized points of a fleet whose test durations follow their node's CPU, which
+    follows the fleet's daily and weekly load cycle (as in the simulator): nothing changes
+    unless every test slows by 25% from run `slowdown_at`."""
+    rng = np.random.default_rng(seed)
+    hours = DAYS * 24
+    hour_times = START + pd.to_timedelta(np.arange(hours) + 0.5, unit="h")
+    cpu = np.clip(rng.uniform(35, 55, NODES)[:, None] * _load_shape(pd.DatetimeIndex(hour_times))[None, :]
+                  + 4 * _ar1(rng, (NODES, hours), 0.7), 1, 99)
+    nodes = [f"node-{i:02d}" for i in range(NODES)]
+    rows = [{"timestamp": t, "metric_name": "cpu_usage", "test_name": None, "node_id": nodes[n],
+             "value": cpu[n, h], "test_run_id": None, "ci_job_id": None, "commit_sha": None,
+             "metric_scope": "node", "direction": "lower_is_better"}
+            for n in range(NODES) for h, t in enumerate(hour_times)]
+    n_runs = DAYS * RUNS_PER_DAY
+    run_times = START + pd.to_timedelta((np.arange(n_runs) + 0.5) / RUNS_PER_DAY, unit="D")
+    base = rng.lognormal(0, 0.6, TESTS)
+    assignment = rng.integers(0, NODES, (n_runs, TESTS))
+    run_hour = ((run_times - START) / pd.Timedelta(hours=1)).astype(int).to_numpy()
+    duration = (base[None, :] * (1 + LOAD_SENSITIVITY * (cpu[assignment, run_hour[:, None]] - 45))
+                * np.exp(rng.normal(0, 0.08, (n_runs, TESTS))))
+    if slowdown_at is not None:
+        duration[slowdown_at:] *= 1.25
+    metrics = {"test_execution_time": duration}
+    if retries:
+        metrics["test_retry_count"] = rng.poisson(0.02, (n_runs, TESTS)).astype(float)
+    for metric, values in metrics.items():
+        rows += [{"timestamp": run_times[r], "metric_name": metric, "test_name": f"test_{t:02d}",
+                  "node_id": nodes[assignment[r, t]], "value": values[r, t],
+                  "test_run_id": f"run-{r:04d}", "ci_job_id": f"job-{r:04d}", "commit_sha": f"c{r:04d}",
+                  "metric_scope": "test", "direction": "lower_is_better"}
+                 for r in range(n_runs) for t in range(TESTS)]
+    return pd.DataFrame(rows)
+
+
+def test_a_fleet_wide_load_cycle_raises_no_more_than_noise_does():
+    series = build_series(_fleet(2, retries=True))
+    durations = series[series["metric_name"] == "test_execution_time"]
+    budget = len(durations) * 2 / 10_000  # each point is in a test's and a node's series
+    changes = series_change_points(series)
+    retried = changes[changes["metric_name"] == "test_retry_count"]
+    assert retried.empty, retried
+    found = changes[changes["metric_name"] == "test_execution_time"]
+    assert len(found) <= budget, found[["scope", "test_name", "node_id", "magnitude_percent"]]
+    assert (found["scope"] != "overall").all()  # the run series is judged net of the fleet's load
+    # the cycle is strong enough to matter: judged on the plain levels, tests and nodes
+    # read it as level shifts
+    plain = series_change_points(series.drop(columns=["shift_level"]))
+    assert len(plain[plain["metric_name"] == "test_execution_time"]) > 3 * budget
+
+
+def test_a_slowdown_of_every_test_is_found_in_the_run_series():
+    changes = series_change_points(build_series(_fleet(2, slowdown_at=200)))
+    overall = changes[(changes["scope"] == "overall") & (changes["metric_name"] == "test_execution_time")]
+    assert len(overall) == 1
+    assert overall["kind"].iloc[0] == "regression"
+    assert abs(int(overall["first_test_run_id"].iloc[0][-4:]) - 200) <= 1
+
+
+def _change(test: str, run: int, kind: str, magnitude: float) -> dict:
+    return {"scope": "test", "metric_name": "test_execution_time", "test_name": test, "node_id": None,
+            "timestamp": START + pd.Timedelta(hours=2 * run), "first_test_run_id": f"run-{run:04d}",
+            "first_ci_job_id": f"job-{run:04d}", "first_commit": f"c{run:04d}", "before": 1.0,
+            "after": 1 + magnitude / 100, "magnitude_percent": magnitude, "p_value": 0.0,
+            "effect_size": 3.0, "kind": kind, "shape": "step", "end_timestamp": None, "n_points": 360}
+
+
+def test_a_regression_and_an_improvement_a_run_apart_are_separate_incidents():
+    changes = pd.DataFrame([_change("test_a", 138, "regression", 39.0),
+                            _change("test_b", 136, "improvement", -27.0),
+                            _change("test_c", 139, "regression", 20.0)])
+    changes, incidents = group_incidents(changes)
+    assert sorted(incidents["kind"]) == ["improvement", "regression"]
+    regression = incidents[incidents["kind"] == "regression"].iloc[0]
+    assert regression["tests"] == ["test_a", "test_c"] and regression["first_test_run_id"] == "run-0138"
+    assert incidents.loc[incidents["kind"] == "improvement", "tests"].iloc[0] == ["test_b"]
+
+
+def test_mostly_zero_counts_raise_nothing_and_a_sustained_pass_rate_drop_is_found():
+    rng = np.random.default_rng(3)
+    for _ in range(20):
+        assert detect_change_points(rng.poisson(0.02, 360).astype(float)) == []
+        assert detect_change_points(100 * (1 - rng.binomial(50, 0.01, 360) / 50),
+                                    direction=HIGHER_IS_BETTER) == []
+    rate = 100 * (1 - rng.binomial(50, 0.01, 360) / 50)
+    rate[240:] = 90.0
+    (drop,) = detect_change_points(rate, direction=HIGHER_IS_BETTER)
+    assert drop.index == 240 and drop.kind == "regression" and drop.after == 90.0
+    assert -11 < drop.magnitude_percent < -9
+    retries = rng.poisson(0.02, 360).astype(float)
+    retries[250:] = rng.poisson(0.4, 110)
+    (rise,) = detect_change_points(retries)
+    assert abs(rise.index - 250) <= 5 and rise.kind == "regression"

@@ -6,10 +6,17 @@ import dagster as dg
 import numpy as np
 import pytest
 
+from perf_pipeline.defs.actions import ActionsResource, optimization_actions, optimization_recommendations
 from perf_pipeline.defs.analysis import anomalies, change_points, metric_correlations, regression_causes, trend_stats
 from perf_pipeline.defs.ingest import raw_metrics
 from perf_pipeline.defs.normalize import normalized_timeseries
-from perf_pipeline.defs.resources import warehouse_resource
+from perf_pipeline.defs.models import (
+    node_health_risk,
+    node_performance_scores,
+    performance_forecasts,
+    performance_models,
+)
+from perf_pipeline.defs.resources import model_store_resource, warehouse_resource
 from perf_pipeline.defs.runner import RANGE_END_TAG, RANGE_START_TAG
 from perf_pipeline.ingest.landing import ingest_files
 from perf_pipeline.storage.warehouse import open_warehouse
@@ -66,7 +73,9 @@ def instance(tmp_path):
 
 
 def _materialize(assets, paths, instance, **kwargs) -> dg.ExecuteInProcessResult:
-    return dg.materialize(assets, resources={"warehouse": warehouse_resource(paths)},
+    return dg.materialize(assets, resources={"warehouse": warehouse_resource(paths),
+                                             "model_store": model_store_resource(paths),
+                                             "actions": ActionsResource()},
                           instance=instance, **kwargs)
 
 
@@ -150,6 +159,41 @@ def test_a_range_run_then_normalization_and_trends_find_the_known_trend(landed, 
     metadata = rest.asset_materializations_for_node("anomalies")[0].metadata
     assert "node-2" in metadata["top_anomalies"].value
     assert rest.asset_materializations_for_node("regression_causes")[0].metadata["causes"].value == len(causes)
+
+
+def test_models_scores_risk_and_recommendations_materialize_from_the_analysis(landed, instance):
+    tags = {RANGE_START_TAG: "2026-10-01", RANGE_END_TAG: "2026-10-28"}
+    assert _materialize([raw_metrics, normalized_timeseries], landed, instance, tags=tags).success
+    upstream = [trend_stats, change_points, metric_correlations, regression_causes]
+    assert _materialize(upstream, landed, instance).success
+    models = {"ops": {"performance_models": {"config": {
+        "metrics": ["cpu_usage", "test_execution_time"], "horizon_days": 3}}}}
+    result = _materialize([node_performance_scores, node_health_risk, performance_models,
+                           performance_forecasts, optimization_recommendations, optimization_actions],
+                          landed, instance, run_config=models)
+    assert result.success
+    with open_warehouse(landed.database) as wh:
+        registry = wh.table("performance_models")
+        forecasts = wh.table("performance_forecasts")
+        scores = wh.node_ranking("test_execution_time")
+        decisions = wh.table("optimization_actions")
+        recommendations = wh.table("optimization_recommendations")
+    assert sorted(registry.metric_name) == ["cpu_usage", "test_execution_time"]
+    assert all((landed.models / m).is_dir() and (landed.models / m / f.split("/")[-1]).exists()
+               for m, f in zip(registry.metric_name, registry.file))
+    cpu = forecasts[forecasts.metric_name == "cpu_usage"]
+    assert set(cpu.series) == {"node-1", "node-2", "node-3"} and len(cpu) == 3 * 72
+    assert set(forecasts[forecasts.metric_name == "test_execution_time"].series) == {
+        "tests/t.py::slow", "tests/t.py::flat"}
+    assert sorted(scores.node_id) == ["node-1", "node-2", "node-3"]
+    assert set(decisions.decision) <= {"skipped"} and len(decisions) == len(recommendations)
+    metadata = result.asset_materializations_for_node("performance_models")[0].metadata
+    assert metadata["metrics"].value == 2 and "cpu_usage" in metadata["cross_validation"].value
+
+    bad = {"ops": {"performance_models": {"config": {"metrics": ["cpu_usgae"]}}}}
+    failed = _materialize([performance_models], landed, instance, run_config=bad, raise_on_error=False)
+    assert not failed.success
+    assert "unknown metric 'cpu_usgae'" in str(failed.get_step_failure_events()[0].event_specific_data.error)
 
 
 def test_rerunning_a_day_whose_landing_folder_vanished_refuses_to_erase_it(landed, instance):

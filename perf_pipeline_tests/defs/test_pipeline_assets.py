@@ -182,7 +182,7 @@ def test_models_scores_risk_and_recommendations_materialize_from_the_analysis(la
     assert all((landed.models / m).is_dir() and (landed.models / m / f.split("/")[-1]).exists()
                for m, f in zip(registry.metric_name, registry.file))
     cpu = forecasts[forecasts.metric_name == "cpu_usage"]
-    assert set(cpu.series) == {"node-1", "node-2", "node-3"} and len(cpu) == 3 * 72
+    assert set(cpu.series) == {"node-1", "node-2", "node-3"} and len(cpu) == 3 * 14 * 24
     assert set(forecasts[forecasts.metric_name == "test_execution_time"].series) == {
         "tests/t.py::slow", "tests/t.py::flat"}
     assert sorted(scores.node_id) == ["node-1", "node-2", "node-3"]

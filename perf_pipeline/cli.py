@@ -151,7 +151,7 @@ def _summary() -> None:
         print(f"{title}\n{table(rows)}" if len(rows) else empty)
     print()
     print(f"database: {paths.database}")
-    print("explore:  dagster dev   (then open http://127.0.0.1:3000, asset groups ingest → analysis)")
+    print("explore:  dagster dev   (then open http://127.0.0.1:3000, asset groups ingest → normalize → analysis → models → actions)")
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

@@ -141,7 +141,7 @@ def node_scores(points: pd.DataFrame) -> pd.DataFrame:
         return pd.DataFrame(columns=["node_id", "metric_name", "score", "rank", "effect", "noise",
                                      "n_points", "n_tests", "evidence"])
     metrics = pd.concat(parts, ignore_index=True)
-    frames = [metrics, _stability(metrics), ]
+    frames = [metrics, _stability(metrics)]
     frames.append(_overall(pd.concat(frames, ignore_index=True)))
     table = pd.concat(frames, ignore_index=True)
     table["rank"] = table.groupby("metric_name")["score"].rank(ascending=False, method="min").astype(int)

@@ -195,6 +195,44 @@ def cmd_select_nodes(args: argparse.Namespace) -> int:
     return 0
 
 
+_STATUS_OF_ACTION = {"ack": "acknowledged", "resolve": "resolved", "invalid": "invalid"}
+
+
+def cmd_alerts(args: argparse.Namespace) -> int:
+    from perf_pipeline.config import MONITORING_FILE, configure_performance_monitoring, load_monitoring
+    from perf_pipeline.report.markdown import alert_table
+    from perf_pipeline.storage.warehouse import open_warehouse
+
+    paths = paths_from_env()
+    if args.action == "mute":
+        if not (args.test or args.node or args.metric):
+            raise UsageError("alerts mute needs --test, --node or --metric")
+        path = paths.home / MONITORING_FILE
+        mute = {"test": args.test, "node": args.node, "metric": args.metric,
+                "until": args.until, "reason": args.reason or ""}
+        mutes = [m.model_dump() for m in load_monitoring(path).mutes]
+        settings = configure_performance_monitoring(path, mutes=[*mutes, mute])
+        print(f"muted until {settings.mutes[-1].until:%Y-%m-%d %H:%M}: "
+              + ", ".join(f"{k}={v}" for k, v in mute.items() if k in ("test", "node", "metric") and v))
+        return 0
+    if args.action == "list":
+        with open_warehouse(paths.database, read_only=True) as wh:
+            alerts = wh.alerts(status=args.status, limit=args.limit)
+        if args.json:
+            print(alerts.to_json(orient="records", date_format="iso"))
+        else:
+            print(alert_table(alerts) if len(alerts) else "no alert")
+        return 0
+    from perf_pipeline.defs.analysis import utc_now
+
+    status = _STATUS_OF_ACTION[args.action]
+    with open_warehouse(paths.database) as wh:
+        if not wh.set_alert_status(args.alert_id, status, args.note or f"marked {status} by hand", utc_now()):
+            raise UsageError(f"no alert {args.alert_id!r} (see `perf-pipeline alerts list`)")
+    print(f"alert {args.alert_id}: {status}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="perf-pipeline",
@@ -231,6 +269,26 @@ def build_parser() -> argparse.ArgumentParser:
                         help="nodes at or above this risk (0–100) come last (default 50)")
     select.add_argument("--json", action="store_true", help="print JSON records")
     select.set_defaults(handler=cmd_select_nodes)
+
+    alerts = commands.add_parser("alerts", help="list regression alerts, change their status, mute")
+    actions = alerts.add_subparsers(dest="action", required=True)
+    listing = actions.add_parser("list", help="alerts, newest first")
+    listing.add_argument("--status", choices=["new", "acknowledged", "invalid", "resolved"])
+    listing.add_argument("--limit", type=int, default=50)
+    listing.add_argument("--json", action="store_true", help="print JSON records")
+    for action, meaning in (("ack", "acknowledge: someone is on it (no more deliveries)"),
+                            ("resolve", "resolved by hand"),
+                            ("invalid", "not a real regression: never raised again")):
+        change = actions.add_parser(action, help=meaning)
+        change.add_argument("alert_id")
+        change.add_argument("--note", help="why, for the record")
+    mute = actions.add_parser("mute", help="silence a test, node or metric until a time")
+    mute.add_argument("--test", help="test name, * wildcards allowed")
+    mute.add_argument("--node")
+    mute.add_argument("--metric")
+    mute.add_argument("--until", required=True, help="YYYY-MM-DD or an ISO time (UTC)")
+    mute.add_argument("--reason")
+    alerts.set_defaults(handler=cmd_alerts)
     return parser
 
 
@@ -246,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
     except (PipelineRunError, WarehouseLockedError) as error:
         print(f"perf-pipeline: error: {error}", file=sys.stderr)
         return 1
-    except (ValueError, OSError) as error:
+    except (ValueError, OSError, LookupError) as error:
         print(f"perf-pipeline: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -29,7 +29,7 @@ import numpy as np
 import pandas as pd
 
 from perf_pipeline.analysis.nodes import SPEED_METRIC
-from perf_pipeline.catalog import get_metric
+from perf_pipeline.analysis.regressions import changes_in_effect
 
 SEVERITIES = ("critical", "high", "medium", "low")
 COLUMNS = ["recommendation_id", "condition_key", "kind", "severity", "subject", "title", "action",
@@ -151,20 +151,9 @@ def _failing_nodes(levels: pd.DataFrame, settings: RecommendationSettings) -> li
         for row in failing.itertuples()]
 
 
-def _in_effect(changes: pd.DataFrame) -> pd.DataFrame:
-    """The regressions no later change of the same series has undone: each series' latest
-    change, where that is a regression at least the metric's alert threshold in size."""
-    if changes.empty:
-        return changes
-    keys = ["scope", "metric_name", "test_name", "node_id"]
-    latest = changes.sort_values("timestamp").groupby(keys, dropna=False).tail(1)
-    threshold = latest["metric_name"].map(lambda m: get_metric(m).alert_threshold_percent)
-    return latest[(latest["kind"] == "regression") & (latest["magnitude_percent"].abs() >= threshold)]
-
-
 def _bisections(incidents: pd.DataFrame, changes: pd.DataFrame, causes: pd.DataFrame) -> list[dict]:
     out = []
-    live = _in_effect(changes)
+    live = changes_in_effect(changes)
     code = incidents[incidents["attribution"] == "code_change"]
     for incident in code.itertuples():
         members = live[live["incident_id"] == incident.incident_id]
@@ -194,7 +183,7 @@ def _bisections(incidents: pd.DataFrame, changes: pd.DataFrame, causes: pd.DataF
 def _drains(incidents: pd.DataFrame, changes: pd.DataFrame, causes: pd.DataFrame,
             risk: pd.DataFrame, settings: RecommendationSettings) -> list[dict]:
     out, seen = [], set()
-    live = _in_effect(changes)
+    live = changes_in_effect(changes)
     slowed = live[(live["scope"] == "node") & (live["metric_name"] == SPEED_METRIC)]
     for change in slowed.sort_values("timestamp").itertuples():
         incident = incidents[incidents["incident_id"] == change.incident_id]

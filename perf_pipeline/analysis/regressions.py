@@ -11,6 +11,7 @@ different people (bisect the commit, drain the node).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
 
 import numpy as np
@@ -285,6 +286,20 @@ def plausible_start(members: pd.DataFrame, series: pd.DataFrame, *, reach: int =
         return at, at
     plausible = finite[finite <= finite.min() + PLAUSIBLE_COST * spread].index
     return plausible.min(), plausible.max()
+
+
+def changes_in_effect(changes: pd.DataFrame,
+                      threshold_percent: Callable[[str], float] | None = None) -> pd.DataFrame:
+    """The regressions no later change of the same series has undone: each series' latest
+    change, where that is a regression at least `threshold_percent(metric)` in size (default:
+    the metric's alert threshold from the catalog)."""
+    if changes.empty:
+        return changes
+    threshold_percent = threshold_percent or (lambda m: get_metric(m).alert_threshold_percent)
+    keys = ["scope", "metric_name", "test_name", "node_id"]
+    latest = changes.sort_values("timestamp").groupby(keys, dropna=False).tail(1)
+    threshold = latest["metric_name"].map(threshold_percent)
+    return latest[(latest["kind"] == "regression") & (latest["magnitude_percent"].abs() >= threshold)]
 
 
 def group_incidents(changes: pd.DataFrame, series: pd.DataFrame | None = None, *,

@@ -1,16 +1,142 @@
-"""Jobs over the asset graph (schedules and sensors join them in later stages)."""
+"""Jobs, schedules and sensors: the pipeline running unattended.
+
+- `landing_sensor` (every 30 s) asks for an ingest run per landing day whose files changed
+  since raw_metrics last loaded them; its run key is the day and its files' checksums, so a
+  day is loaded once per version of its files.
+- `refresh_after_ingest` (a run-status sensor) follows each successful ingest run with
+  `alerting_job`: the change points, causes, trends and alert outbox that a new day can
+  move. Measured against declarative automation in docs/architecture.md.
+- Schedules: the whole analysis daily, retention daily, model retraining weekly.
+All of them run by default, so `dagster dev` just works.
+"""
+
+import json
+from datetime import date, timedelta
+from pathlib import Path
 
 import dagster as dg
 
+from perf_pipeline.defs.alerts import MonitoringResource
+from perf_pipeline.defs.analysis import utc_now
+from perf_pipeline.defs.partitions import daily_partitions
+from perf_pipeline.defs.resources import WarehouseResource
+from perf_pipeline.defs.runner import changed_landing
+from perf_pipeline.ingest.landing import checksum, remove_days_before
+from perf_pipeline.storage.warehouse import WarehouseLockedError
+
+_INGESTED = dg.AssetSelection.assets("raw_metrics", "normalized_timeseries")
+_MODELS = dg.AssetSelection.assets("performance_models")
+
 daily_ingest_job = dg.define_asset_job(
     "daily_ingest_job",
-    selection=dg.AssetSelection.assets("raw_metrics", "normalized_timeseries"),
+    selection=_INGESTED,
     description="Load and normalize landing days (one run may cover a range of days).",
 )
 
 analysis_job = dg.define_asset_job(
     "analysis_job",
-    selection=dg.AssetSelection.assets("raw_metrics", "normalized_timeseries").downstream()
-    - dg.AssetSelection.assets("raw_metrics", "normalized_timeseries"),
-    description="Refresh every analysis asset over the rolling window.",
+    selection=_INGESTED.downstream() - _INGESTED,
+    description="Refresh every analysis asset over the rolling window, models included.",
 )
+
+daily_refresh_job = dg.define_asset_job(
+    "daily_refresh_job",
+    selection=_INGESTED.downstream() - _INGESTED - _MODELS,
+    description="Every analysis asset with the models trained last (retraining is weekly).",
+)
+
+model_training_job = dg.define_asset_job(
+    "model_training_job",
+    selection=dg.AssetSelection.assets("performance_models", "performance_forecasts"),
+    description="Retrain the forecasting models and forecast with them.",
+)
+
+alerting_job = dg.define_asset_job(
+    "alerting_job",
+    selection=dg.AssetSelection.assets("trend_stats", "change_points", "metric_correlations",
+                                       "regression_causes", "regression_alerts"),
+    description="What new data can raise an alert about: trends, change points, causes, outbox.",
+)
+
+
+@dg.op(pool="duckdb", description="Delete metric rows, rollups and landing days past their retention.")
+def apply_retention(context: dg.OpExecutionContext, warehouse: WarehouseResource,
+                    monitoring: MonitoringResource) -> dict:
+    settings = monitoring.settings()
+    now = utc_now()
+    raw_before = now - timedelta(days=settings.retention_period_days)
+    rollups_before = now - timedelta(days=settings.rollup_retention_days)
+    database = warehouse.database
+    size_before = _size(database)
+    with warehouse.open() as wh:
+        deleted = wh.apply_retention(raw_before, rollups_before)
+    days, landing_bytes = remove_days_before(warehouse.landing, raw_before.date())
+    report = {"raw_before": raw_before.isoformat(), "rollups_before": rollups_before.isoformat(),
+              **{f"rows_deleted_{table}": rows for table, rows in deleted.items()},
+              "landing_days_removed": len(days), "landing_bytes_freed": landing_bytes,
+              "database_bytes_before": size_before, "database_bytes_after": _size(database)}
+    context.log.info(json.dumps(report))
+    context.add_output_metadata({key: dg.MetadataValue.text(str(value)) for key, value in report.items()})
+    return report
+
+
+def _size(path: str) -> int:
+    file = Path(path)
+    return file.stat().st_size if file.exists() else 0
+
+
+@dg.job(description="Apply retention_period_days and rollup_retention_days from perf_pipeline.yaml.")
+def retention_job():
+    apply_retention()
+
+
+daily_analysis_schedule = dg.ScheduleDefinition(
+    name="daily_analysis_schedule", job=daily_refresh_job, cron_schedule="0 3 * * *",
+    execution_timezone="UTC", default_status=dg.DefaultScheduleStatus.RUNNING,
+    description="The whole analysis over the rolling window, every day at 03:00 UTC.")
+
+retention_schedule = dg.ScheduleDefinition(
+    name="retention_schedule", job=retention_job, cron_schedule="30 2 * * *",
+    execution_timezone="UTC", default_status=dg.DefaultScheduleStatus.RUNNING,
+    description="Retention every day at 02:30 UTC.")
+
+weekly_model_schedule = dg.ScheduleDefinition(
+    name="weekly_model_schedule", job=model_training_job, cron_schedule="0 4 * * 0",
+    execution_timezone="UTC", default_status=dg.DefaultScheduleStatus.RUNNING,
+    description="Retrain the forecasting models every Sunday at 04:00 UTC.")
+
+
+def _digest(files: dict[str, str]) -> str:
+    return checksum(json.dumps(sorted(files.items())).encode())[:16]
+
+
+@dg.sensor(job=daily_ingest_job, minimum_interval_seconds=30,
+           default_status=dg.DefaultSensorStatus.RUNNING,
+           description="An ingest run for every landing day whose files changed.")
+def landing_sensor(context: dg.SensorEvaluationContext, warehouse: WarehouseResource):
+    try:
+        changed = changed_landing(warehouse.landing, Path(warehouse.database))
+    except WarehouseLockedError:
+        return dg.SkipReason("the database is being written; checking again on the next tick")
+    requested = json.loads(context.cursor) if context.cursor else {}
+    valid_from = date.fromisoformat(daily_partitions.start.strftime("%Y-%m-%d"))
+    requests = []
+    for day, files in sorted(changed.items()):
+        digest = _digest(files)
+        if requested.get(day.isoformat()) == digest:
+            continue  # already asked for this version of the day
+        if day < valid_from:
+            context.log.warning(f"landing day {day} is before the first partition; not loaded")
+            continue
+        requested[day.isoformat()] = digest
+        requests.append(dg.RunRequest(run_key=f"ingest:{day.isoformat()}:{digest}",
+                                      partition_key=day.isoformat()))
+    context.update_cursor(json.dumps(requested, sort_keys=True))
+    return requests or dg.SkipReason("no new or changed landing files")
+
+
+@dg.run_status_sensor(run_status=dg.DagsterRunStatus.SUCCESS, monitored_jobs=[daily_ingest_job],
+                      request_job=alerting_job, default_status=dg.DefaultSensorStatus.RUNNING,
+                      description="After each successful ingest run, refresh what can raise an alert.")
+def refresh_after_ingest(context: dg.RunStatusSensorContext):
+    return dg.RunRequest(run_key=f"refresh:{context.dagster_run.run_id}")

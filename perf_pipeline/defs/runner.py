@@ -9,6 +9,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import date, timedelta
+from pathlib import Path
 
 import dagster as dg
 import yaml
@@ -57,16 +58,22 @@ def open_instance(paths: Paths) -> dg.DagsterInstance:
     return dg.DagsterInstance.from_config(str(paths.dagster_home))
 
 
+def changed_landing(landing: Path, database: Path) -> dict[date, dict[str, str]]:
+    """The landing days whose files differ from what raw_metrics last loaded, with their
+    files' checksums. Raises WarehouseLockedError while another process writes."""
+    landed = landing_state(landing)
+    if not database.exists():
+        return landed
+    with open_warehouse(database, read_only=True) as wh:
+        if "ingested_files" not in wh.table_names():
+            return landed
+        loaded = wh.ingested_checksums()
+    return {day: files for day, files in landed.items() if loaded.get(day) != files}
+
+
 def changed_days(paths: Paths) -> list[date]:
     """Landing days whose files differ from what raw_metrics last loaded."""
-    landed = landing_state(paths.landing)
-    if not paths.database.exists():
-        return sorted(landed)
-    with open_warehouse(paths.database, read_only=True) as wh:
-        if "ingested_files" not in wh.table_names():
-            return sorted(landed)
-        loaded = wh.ingested_checksums()
-    return sorted(day for day, files in landed.items() if loaded.get(day) != files)
+    return sorted(changed_landing(paths.landing, paths.database))
 
 
 def contiguous_ranges(days: list[date]) -> list[tuple[date, date]]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import shutil
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import date, datetime, timezone
@@ -78,6 +79,19 @@ def landing_state(landing: Path) -> dict[date, dict[str, str]]:
     """{day: {path relative to landing: checksum}} of everything in the archive now."""
     return {day: {_relative(landing, p): checksum(p.read_bytes()) for p in day_files(landing, day)}
             for day in landed_days(landing)}
+
+
+def remove_days_before(landing: Path, cutoff: date) -> tuple[list[date], int]:
+    """Delete the landing folders of days before `cutoff`: (days removed, bytes freed)."""
+    removed, freed = [], 0
+    if not landing.is_dir():
+        return removed, freed
+    for folder in sorted(landing.iterdir()):
+        if folder.is_dir() and _DAY_FOLDER.match(folder.name) and date.fromisoformat(folder.name) < cutoff:
+            freed += sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+            shutil.rmtree(folder)
+            removed.append(date.fromisoformat(folder.name))
+    return removed, freed
 
 
 def _relative(landing: Path, path: Path) -> str:

@@ -121,3 +121,11 @@ def forecast_table(forecasts) -> str:
         upper=("upper", "median"), method=("method", "first")).reset_index()
     return markdown_table(["metric", "series", "median forecast", "lower", "upper", "method"],
                           summary.itertuples(index=False))
+
+
+def alert_table(alerts) -> str:
+    """regression_alerts rows."""
+    return markdown_table(
+        ["alert", "status", "severity", "title", "before", "after", "p", "first run", "suspected cause"],
+        alerts[["alert_id", "status", "severity", "title", "before", "after", "p_value",
+                "first_test_run_id", "suspected_cause"]].itertuples(index=False))

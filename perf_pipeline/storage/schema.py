@@ -372,6 +372,50 @@ MIGRATIONS: tuple[tuple[int, str, tuple[str, ...]], ...] = (
         )
         """,
     )),
+    (6, "regression alert outbox and per-channel delivery state", (
+        """
+        CREATE TABLE regression_alerts (
+            alert_id VARCHAR PRIMARY KEY,
+            dedup_key VARCHAR NOT NULL,
+            incident_id VARCHAR NOT NULL,
+            attribution VARCHAR NOT NULL,
+            severity VARCHAR NOT NULL,
+            title VARCHAR NOT NULL,
+            metric_name VARCHAR NOT NULL,
+            unit VARCHAR NOT NULL,
+            direction VARCHAR NOT NULL,
+            tests VARCHAR[] NOT NULL,
+            node_id VARCHAR,
+            before DOUBLE NOT NULL,
+            after DOUBLE NOT NULL,
+            magnitude_percent DOUBLE NOT NULL,
+            p_value DOUBLE NOT NULL,
+            first_test_run_id VARCHAR,
+            first_commit VARCHAR,
+            started_at TIMESTAMP NOT NULL,
+            suspected_cause VARCHAR,
+            cause_evidence VARCHAR,
+            status VARCHAR NOT NULL,
+            created_at TIMESTAMP NOT NULL,
+            updated_at TIMESTAMP NOT NULL,
+            resolved_at TIMESTAMP,
+            status_note VARCHAR NOT NULL
+        )
+        """,
+        """
+        CREATE TABLE alert_deliveries (
+            alert_id VARCHAR NOT NULL,
+            channel VARCHAR NOT NULL,
+            state VARCHAR NOT NULL,
+            attempts INTEGER NOT NULL,
+            next_attempt_at TIMESTAMP,
+            last_attempt_at TIMESTAMP,
+            sent_at TIMESTAMP,
+            last_error VARCHAR,
+            PRIMARY KEY (alert_id, channel)
+        )
+        """,
+    )),
 )
 
 LATEST_VERSION = MIGRATIONS[-1][0]

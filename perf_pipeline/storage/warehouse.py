@@ -170,7 +170,8 @@ TABLES = ("performance_metrics", "quarantined_metrics", "ingested_files", "norma
           "seasonal_profiles", "anomalies", "node_health", "metric_correlations",
           "configuration_effects", "regression_causes", "performance_models",
           "performance_forecasts", "node_performance_scores", "node_health_risk",
-          "optimization_recommendations", "optimization_actions")
+          "optimization_recommendations", "optimization_actions", "regression_alerts",
+          "alert_deliveries")
 _COUNT_SQL = {t: f"SELECT count(*) FROM {t}" for t in TABLES}
 _CLEAR_SQL = {t: f"DELETE FROM {t}" for t in TABLES}
 _INSERT_ALL_SQL = {t: f"INSERT INTO {t} SELECT * FROM replacement" for t in TABLES}
@@ -670,6 +671,70 @@ class Warehouse:
             FROM node_health_risk GROUP BY node_id
             HAVING max(node_risk_score) > 0 ORDER BY risk_score DESC LIMIT ?
         """, [limit]).df()
+
+    # ---------------------------------------------------------------- retention
+
+    def apply_retention(self, raw_before: datetime, rollups_before: datetime) -> dict[str, int]:
+        """Delete raw, quarantined and normalized rows (and file records) older than
+        `raw_before`, hourly rollups older than `rollups_before`, in one transaction, then
+        checkpoint so that the space is reused. Returns rows deleted per table."""
+        deleted = {}
+        statements = (
+            ("performance_metrics", "DELETE FROM performance_metrics WHERE timestamp < ?", raw_before),
+            ("normalized_timeseries", "DELETE FROM normalized_timeseries WHERE timestamp < ?", raw_before),
+            ("quarantined_metrics", "DELETE FROM quarantined_metrics WHERE partition_day < CAST(? AS DATE)",
+             raw_before),
+            ("ingested_files", "DELETE FROM ingested_files WHERE partition_day < CAST(? AS DATE)", raw_before),
+            ("metric_rollups_hourly", "DELETE FROM metric_rollups_hourly WHERE hour < ?", rollups_before),
+        )
+        with self.transaction():
+            for table, sql, cutoff in statements:
+                deleted[table] = int(self.con.execute(sql + " RETURNING 1", [cutoff]).df().shape[0])
+        self.con.execute("CHECKPOINT")
+        return deleted
+
+    # ---------------------------------------------------------------- alerts
+
+    def alerts(self, *, status: str | None = None, limit: int = 100) -> pd.DataFrame:
+        """Alerts newest first, optionally of one status."""
+        return self.con.execute("""
+            SELECT * FROM regression_alerts WHERE ? IS NULL OR status = ?
+            ORDER BY created_at DESC, alert_id LIMIT ?
+        """, [status, status, limit]).df()
+
+    def set_alert_status(self, alert_id: str, status: str, note: str, now: datetime) -> bool:
+        """Move an alert to `status`; False if there is no such alert."""
+        rows = self.con.execute("""
+            UPDATE regression_alerts SET status = ?, status_note = ?, updated_at = ?,
+                resolved_at = CASE WHEN ? = 'resolved' THEN ? ELSE resolved_at END
+            WHERE alert_id = ? RETURNING alert_id
+        """, [status, note, now, status, now, alert_id]).fetchall()
+        return bool(rows)
+
+    def due_deliveries(self, channels: Sequence[str], now: datetime) -> pd.DataFrame:
+        """(alert, channel) pairs to attempt now: new alerts without a delivery row for a
+        channel, and failed deliveries whose backoff has passed."""
+        return self.con.execute("""
+            SELECT a.*, c.channel, coalesce(d.attempts, 0) AS attempts
+            FROM regression_alerts a CROSS JOIN (SELECT unnest(CAST(? AS VARCHAR[])) AS channel) c
+            LEFT JOIN alert_deliveries d ON d.alert_id = a.alert_id AND d.channel = c.channel
+            WHERE a.status = 'new' AND (d.state IS NULL OR (d.state = 'failed' AND d.next_attempt_at <= ?))
+            ORDER BY a.created_at, a.alert_id, c.channel
+        """, [list(channels), now]).df()
+
+    def record_delivery(self, alert_id: str, channel: str, *, state: str, attempts: int,
+                        now: datetime, next_attempt_at: datetime | None = None,
+                        error: str | None = None) -> None:
+        """Store one delivery attempt's outcome (its own transaction: stored before the next)."""
+        self.con.execute("""
+            INSERT INTO alert_deliveries VALUES (?, ?, ?, ?, ?, ?, ?, ?)
+            ON CONFLICT (alert_id, channel) DO UPDATE SET state = excluded.state,
+                attempts = excluded.attempts, next_attempt_at = excluded.next_attempt_at,
+                last_attempt_at = excluded.last_attempt_at,
+                sent_at = coalesce(excluded.sent_at, alert_deliveries.sent_at),
+                last_error = coalesce(excluded.last_error, alert_deliveries.last_error)
+        """, [alert_id, channel, state, attempts, next_attempt_at, now,
+              now if state == "sent" else None, error])
 
     def table_names(self) -> set[str]:
         return {row[0] for row in self.con.execute(

@@ -1,0 +1,192 @@
+"""The alert outbox: one alert per regression, never twice, a lifecycle, mutes; delivery once
+per channel through real servers on loopback, with retries after a receiver's outage."""
+
+import json
+import threading
+from datetime import datetime, timedelta
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pandas as pd
+import pytest
+
+from perf_pipeline.alerts import ALERT_COLUMNS, backoff, deliver_outbox, reconcile
+from perf_pipeline.config import MonitoringSettings
+from perf_pipeline.notify.slack import SlackWebhookChannel
+from perf_pipeline.storage.warehouse import open_warehouse
+
+T0 = pd.Timestamp("2026-11-10 12:00")
+NOW = datetime(2026, 11, 20, 8)
+
+
+def _change(test, *, kind="regression", magnitude=30.0, at=T0, incident="i1", node=None, scope="test"):
+    return {"scope": scope, "metric_name": "test_execution_time", "test_name": test, "node_id": node,
+            "timestamp": at, "first_test_run_id": "run-7", "kind": kind, "before": 2.0,
+            "after": 2.0 * (1 + magnitude / 100), "magnitude_percent": magnitude, "p_value": 1e-9,
+            "incident_id": incident}
+
+
+def _incident(incident="i1", at=T0, attribution="code_change", node=None, kind="regression"):
+    return {"incident_id": incident, "attribution": attribution, "kind": kind, "timestamp": at,
+            "first_test_run_id": "run-7", "first_commit": "abcdef1234567890", "node_id": node}
+
+
+CAUSES = pd.DataFrame([{"incident_id": "i1", "rank": 1, "cause_type": "commit", "cause": "aaa..abc",
+                        "score": 0.9, "evidence": "bisect after aaa up to abc"}])
+NO_TRENDS = pd.DataFrame(columns=["scope", "metric_name", "test_name", "node_id", "is_significant",
+                                  "trend_direction", "change_over_window_percent"])
+EMPTY = pd.DataFrame(columns=ALERT_COLUMNS)
+
+
+def _reconcile(outbox, incidents, changes, *, settings=MonitoringSettings(), now=NOW, trends=NO_TRENDS):
+    return reconcile(outbox, incidents=pd.DataFrame(incidents), changes=pd.DataFrame(changes),
+                     causes=CAUSES, trends=trends, settings=settings, now=now)
+
+
+def test_one_alert_per_incident_with_its_evidence_and_never_twice():
+    changes = [_change("a", magnitude=35.0), _change("b", magnitude=20.0), _change("c", magnitude=4.0)]
+    outbox, counts = _reconcile(EMPTY, [_incident()], changes)
+    assert counts["created"] == 1 and len(outbox) == 1
+    alert = outbox.iloc[0]
+    assert list(alert.tests) == ["a", "b"]  # c moved less than the threshold
+    assert alert.magnitude_percent == 35.0 and alert.before == 2.0 and alert.after == pytest.approx(2.7)
+    assert alert.suspected_cause == "commit: aaa..abc" and alert.cause_evidence.startswith("bisect")
+    assert alert.status == "new" and alert.severity == "critical"  # a critical metric
+    # the next run places the start one run later and calls the incident by another name
+    moved = [{**c, "incident_id": "i9", "timestamp": T0 + pd.Timedelta(hours=2)} for c in changes]
+    again, counts = _reconcile(outbox, [_incident("i9", at=T0 + pd.Timedelta(hours=2))], moved,
+                               now=NOW + timedelta(days=1))
+    assert counts == {"created": 0, "updated": 1, "resolved": 0, "suppressed": 0}
+    assert list(again.alert_id) == list(outbox.alert_id) and again.iloc[0].status == "new"
+
+
+def test_an_alert_marked_invalid_is_not_raised_again():
+    outbox, _ = _reconcile(EMPTY, [_incident()], [_change("a")])
+    outbox.loc[0, "status"] = "invalid"
+    again, counts = _reconcile(outbox, [_incident()], [_change("a")])
+    assert counts["suppressed"] == 1 and counts["created"] == 0 and list(again.status) == ["invalid"]
+
+
+def test_an_alert_resolves_itself_when_the_series_recovers():
+    outbox, _ = _reconcile(EMPTY, [_incident()], [_change("a")])
+    outbox.loc[0, "status"] = "acknowledged"
+    recovered = [_change("a"), _change("a", kind="improvement", magnitude=-23.0,
+                                       at=T0 + pd.Timedelta(days=3), incident="i2")]
+    later, counts = _reconcile(outbox, [_incident(), _incident("i2", kind="improvement")], recovered)
+    assert counts["resolved"] == 1 and later.iloc[0].status == "resolved"
+    assert later.iloc[0].status_note == "auto-resolved: the series recovered"
+    # a regression that only ages out of the window stays open: nobody saw it recover
+    aged, counts = _reconcile(outbox, [], [])
+    assert counts["resolved"] == 0 and aged.iloc[0].status == "acknowledged"
+
+
+def test_muted_tests_and_small_or_untracked_changes_raise_nothing():
+    muted = MonitoringSettings(mutes=[{"test": "tests/flaky/*", "until": "2026-12-01"}])
+    outbox, _ = _reconcile(EMPTY, [_incident()], [_change("tests/flaky/x.py::t")], settings=muted)
+    assert outbox.empty
+    assert _reconcile(EMPTY, [_incident()], [_change("a", magnitude=8.0)])[0].empty
+    untracked = MonitoringSettings(metrics_to_track=["cpu_usage"])
+    assert _reconcile(EMPTY, [_incident()], [_change("a")], settings=untracked)[0].empty
+    off = MonitoringSettings(alert_on_regression=False)
+    assert _reconcile(EMPTY, [_incident()], [_change("a")], settings=off)[0].empty
+
+
+def test_a_degrading_node_is_one_alert_whether_seen_as_a_trend_or_a_step():
+    trends = pd.DataFrame([
+        {"scope": "node", "metric_name": m, "test_name": None, "node_id": "n5", "is_significant": True,
+         "trend_direction": "degrading", "change_over_window_percent": c, "change_over_window": c / 10,
+         "change_rate_percent": c / 4, "window_mean": 50.0, "window_start": T0, "n_days": 30,
+         "p_value_adjusted": 1e-8, "unit": "percent"}
+        for m, c in (("memory_utilization", 45.0), ("node_error_rate", 120.0))])
+    outbox, _ = _reconcile(EMPTY, [], [], trends=trends)
+    assert len(outbox) == 1 and outbox.iloc[0].attribution == "trend"
+    assert "node_error_rate" in outbox.iloc[0].title and "memory_utilization" in outbox.iloc[0].title
+    step = [_change(None, node="n5", scope="node", incident="n")]
+    both, _ = _reconcile(EMPTY, [_incident("n", attribution="node_problem", node="n5")], step, trends=trends)
+    assert list(both.attribution) == ["node_problem"]
+    calm = trends.assign(is_significant=False)
+    resolved, counts = _reconcile(outbox, [], [], trends=calm)
+    assert counts["resolved"] == 1 and resolved.iloc[0].status == "resolved"
+
+
+def test_backoff_doubles_up_to_an_hour_and_honours_retry_after():
+    assert [backoff(n).total_seconds() for n in (1, 2, 3)] == [30, 60, 120]
+    assert backoff(20) == timedelta(hours=1) and backoff(1, retry_after=300) == timedelta(seconds=300)
+
+
+class _Receiver:
+    """A real HTTP server on loopback standing in for Slack's webhook; it fails while `down`."""
+
+    def __init__(self):
+        self.messages, self.down = [], False
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                if receiver.down:
+                    self.send_response(503)
+                    self.end_headers()
+                    return
+                receiver.messages.append(json.loads(body))
+                self.send_response(200)
+                self.end_headers()
+                self.wfile.write(b"ok")
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_port}/services/T000/B000/secret"
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def receiver():
+    receiver = _Receiver()
+    yield receiver
+    receiver.close()
+
+
+def _stored_outbox(tmp_path):
+    outbox, _ = _reconcile(EMPTY, [_incident()], [_change("tests/a.py::t")])
+    path = tmp_path / "perf.duckdb"
+    with open_warehouse(path) as wh:
+        wh.replace_table("regression_alerts", outbox)
+    return path
+
+
+def test_a_receiver_that_fails_for_a_while_gets_the_alert_once_after_it_recovers(tmp_path, receiver):
+    path = _stored_outbox(tmp_path)
+    channel = SlackWebhookChannel(receiver.url)
+    receiver.down = True
+    with open_warehouse(path) as wh:
+        assert deliver_outbox(wh, [channel], now=NOW) == {"sent": 0, "failed": 1, "gave_up": 0}
+        # before the backoff has passed nothing is tried again
+        assert deliver_outbox(wh, [channel], now=NOW + timedelta(seconds=10)) == {"sent": 0, "failed": 0, "gave_up": 0}
+        receiver.down = False
+        assert deliver_outbox(wh, [channel], now=NOW + timedelta(seconds=31))["sent"] == 1
+        for minutes in (5, 60, 600):
+            assert deliver_outbox(wh, [channel], now=NOW + timedelta(minutes=minutes))["sent"] == 0
+        state = wh.table("alert_deliveries").iloc[0]
+    assert len(receiver.messages) == 1
+    assert state.state == "sent" and state.attempts == 2 and "503" in state.last_error
+    assert "secret" not in state.last_error
+    text = json.dumps(receiver.messages[0])
+    for evidence in ("test_execution_time", "tests/a.py::t", "run-7", "abcdef1", "aaa..abc", "+30"):
+        assert evidence in text, evidence
+
+
+def test_acknowledged_alerts_are_not_delivered_and_dead_receivers_are_given_up_on(tmp_path, receiver):
+    path = _stored_outbox(tmp_path)
+    with open_warehouse(path) as wh:
+        alert_id = wh.table("regression_alerts").alert_id.iloc[0]
+        gone = SlackWebhookChannel(receiver.url.replace("/services/", "/missing/"))
+        receiver.server.RequestHandlerClass.do_POST = lambda self: (self.send_response(404), self.end_headers())
+        assert deliver_outbox(wh, [gone], now=NOW) == {"sent": 0, "failed": 0, "gave_up": 1}
+        assert deliver_outbox(wh, [gone], now=NOW + timedelta(days=1))["gave_up"] == 0
+        wh.set_alert_status(alert_id, "acknowledged", "on it", NOW)
+        assert wh.due_deliveries(["another_channel"], NOW).empty

@@ -2,10 +2,11 @@
 
 Candidates come from this run's findings: every regression incident whose change is still in
 effect (no later change of the series has undone it) and at least the metric's threshold in
-size, and every significant degrading trend at least that large that no incident already
-covers (a node drifting towards trouble before any step is confirmed). One alert per
-incident, not per series: a code change slowing five tests is one alert naming five tests,
-a node whose five health metrics drift is one alert about the node.
+size with a p-value of at most 1e-3, and every significant degrading trend at least that
+large that no incident already covers (a node drifting towards trouble before any step is
+confirmed). One alert per incident, not per series: a code change slowing five tests is one
+alert naming five tests, a node whose five health metrics drift is one alert about the node,
+and a CI metric that moved with a code change (throughput) is a note on that alert.
 
 Deduplication matches a candidate to an alert already in the outbox — same kind of finding,
 metric and node, overlapping tests, start within a day — rather than by an identifier
@@ -45,6 +46,13 @@ ALERT_COLUMNS = ["alert_id", "dedup_key", "incident_id", "attribution", "severit
                  "resolved_at", "status_note"]
 # Two findings of the same kind on the same series starting this close are one regression.
 SAME_START = pd.Timedelta(days=1)
+# A change that is confirmed within the detector's false-alarm budget but whose own p-value
+# is above this is too weak to wake a person: real regressions on the simulated fleets have
+# p below 1e-10, the false changes that reached the outbox 0.01.
+ALERT_MAX_P_VALUE = 1e-3
+# A CI metric that moves with a code change or node problem (throughput falls when tests
+# slow down) is part of that alert, not an alert of its own.
+SAME_EVENT = pd.Timedelta(hours=12)
 
 
 def _severity(metric: str, magnitude: float, threshold: float) -> str:
@@ -61,12 +69,13 @@ def _where(tests: list[str], node: str | None) -> str:
         return node
     if len(tests) == 1:
         return tests[0]
-    return f"{len(tests)} tests"
+    return f"{len(tests)} tests" if tests else "the fleet"
 
 
 def _change_candidates(incidents: pd.DataFrame, changes: pd.DataFrame, causes: pd.DataFrame,
                        settings: MonitoringSettings, now: datetime) -> list[dict]:
     live = changes_in_effect(changes, settings.threshold_percent)
+    live = live[live["p_value"] <= ALERT_MAX_P_VALUE] if len(live) else live
     out = []
     for incident in incidents.itertuples():
         members = live[(live["incident_id"] == incident.incident_id)
@@ -99,8 +108,68 @@ def _change_candidates(incidents: pd.DataFrame, changes: pd.DataFrame, causes: p
     return out
 
 
-def _trend_candidates(trends: pd.DataFrame, covered_nodes: set[str], settings: MonitoringSettings,
-                      now: datetime) -> list[dict]:
+def _merge_node_problems(candidates: list[dict]) -> list[dict]:
+    """One candidate per sick node: its worst change, the others named in the title. A node
+    that degrades for weeks confirms steps in several metrics at different times."""
+    kept, by_node = [], {}
+    for candidate in sorted(candidates, key=lambda c: -abs(c["magnitude_percent"])):
+        node = candidate["node_id"] if candidate["attribution"] == "node_problem" else None
+        if node is None:
+            kept.append(candidate)
+        elif node in by_node:
+            first = by_node[node]
+            first["title"] += f" (with {candidate['metric_name']} {candidate['magnitude_percent']:+.0f}%)"
+            first["started_at"] = min(first["started_at"], candidate["started_at"])
+        else:
+            by_node[node] = candidate
+            kept.append(candidate)
+    return kept
+
+
+def _merge_code_changes(candidates: list[dict]) -> list[dict]:
+    """Code changes of one metric starting within SAME_EVENT of each other are one alert: the
+    detector can place one test's step a few runs after another's when both came from one
+    commit, and a person bisects them together."""
+    kept, last = [], {}
+    for candidate in sorted(candidates, key=lambda c: pd.Timestamp(c["started_at"])):
+        anchor = last.get(candidate["metric_name"]) if candidate["attribution"] == "code_change" else None
+        if anchor is not None and (pd.Timestamp(candidate["started_at"])
+                                   - pd.Timestamp(anchor["started_at"])) <= SAME_EVENT:
+            anchor["tests"] = sorted(set(anchor["tests"]) | set(candidate["tests"]))
+            anchor["title"] += f" (with {_where(candidate['tests'], None)} from run {candidate['first_test_run_id']})"
+            continue
+        if candidate["attribution"] == "code_change":
+            last[candidate["metric_name"]] = candidate
+        kept.append(candidate)
+    return kept
+
+
+def _fold_ci_metrics(candidates: list[dict]) -> list[dict]:
+    """CI-metric candidates that started with a code change or node problem become a note on
+    that candidate's title; a per-test metric's run series (every test of a run at once) is
+    left out where code changes of that metric are alerted already: it sees them too."""
+    anchors = [c for c in candidates if c["attribution"] in ("code_change", "node_problem")]
+    changed = {c["metric_name"] for c in anchors if c["attribution"] == "code_change"}
+    kept = []
+    for candidate in candidates:
+        if candidate["attribution"] == "ci_metric" and candidate["metric_name"] in changed:
+            continue
+        if candidate["attribution"] == "ci_metric":
+            near = [a for a in anchors if abs(pd.Timestamp(a["started_at"])
+                                               - pd.Timestamp(candidate["started_at"])) <= SAME_EVENT]
+            if near:
+                near[0]["title"] += (f" (with {candidate['metric_name']} "
+                                     f"{candidate['magnitude_percent']:+.0f}%)")
+                continue
+        kept.append(candidate)
+    return kept
+
+
+def _trend_candidates(trends: pd.DataFrame, covered_nodes: set[str], covered_metrics: set[str],
+                      settings: MonitoringSettings, now: datetime) -> list[dict]:
+    """Trends no change alert explains: not on a node with a node-problem alert, and not a
+    fleet or test trend of a metric a code change moved (daily medians see the step as a
+    trend)."""
     if trends.empty:
         return []
     worse = trends[trends["is_significant"] & (trends["trend_direction"] == "degrading")]
@@ -113,6 +182,8 @@ def _trend_candidates(trends: pd.DataFrame, covered_nodes: set[str], settings: M
         test = test if isinstance(test, str) else None
         if node in covered_nodes:
             continue
+        if node is None:
+            group = group[~group["metric_name"].isin(covered_metrics)]
         tests = [test] if test else []
         group = group[[settings.muted(metric=m, tests=tests, node=node, now=now) is None
                        for m in group["metric_name"]]]
@@ -120,7 +191,7 @@ def _trend_candidates(trends: pd.DataFrame, covered_nodes: set[str], settings: M
             continue
         worst = group.loc[group["change_over_window_percent"].abs().idxmax()]
         metric = get_metric(worst.metric_name)
-        half = (worst.change_over_window or 0.0) / 2
+        half = worst.window_mean * worst.change_over_window_percent / 200
         others = sorted(set(group["metric_name"]) - {worst.metric_name})
         also = f" (also {', '.join(others)})" if others else ""
         out.append({
@@ -144,6 +215,8 @@ def _trend_candidates(trends: pd.DataFrame, covered_nodes: set[str], settings: M
 
 
 def _same_finding(alert: dict, candidate: dict) -> bool:
+    if candidate["attribution"] == "node_problem":  # one open problem alert per node
+        return alert["attribution"] == "node_problem" and alert["node_id"] == candidate["node_id"]
     if (alert["attribution"], alert["metric_name"], alert["node_id"]) != (
             candidate["attribution"], candidate["metric_name"], candidate["node_id"]):
         return False
@@ -187,9 +260,11 @@ def reconcile(outbox: pd.DataFrame, *, incidents: pd.DataFrame, changes: pd.Data
     candidates = []
     if settings.alert_on_regression:
         regressions = incidents[incidents["kind"] == "regression"] if len(incidents) else incidents
-        candidates = _change_candidates(regressions, changes, causes, settings, now)
-        covered = {c["node_id"] for c in candidates if c["attribution"] == "node_problem"}
-        candidates += _trend_candidates(trends, covered, settings, now)
+        candidates = _fold_ci_metrics(_merge_code_changes(_merge_node_problems(
+            _change_candidates(regressions, changes, causes, settings, now))))
+        nodes = {c["node_id"] for c in candidates if c["attribution"] == "node_problem"}
+        metrics = {c["metric_name"] for c in candidates if c["attribution"] == "code_change"}
+        candidates += _trend_candidates(trends, nodes, metrics, settings, now)
     matched_ids = set()
     for candidate in candidates:
         match = next((a for a in alerts if a["status"] != "resolved" and _same_finding(a, candidate)), None)

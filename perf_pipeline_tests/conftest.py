@@ -1,7 +1,11 @@
 import json
+import socket
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+from aiosmtpd.controller import Controller
 
 from perf_pipeline.config import Paths, paths_from_env
 
@@ -31,3 +35,75 @@ def metric_row(timestamp: str, metric_name: str = "test_execution_time", value=1
            "context_data": {"commit": "c0ffee"}}
     row.update(extra)
     return row
+
+
+# ------------------------------------------------- real servers on loopback
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+class Receiver:
+    """An HTTP server that records each request and answers with the next queued reply."""
+
+    def __init__(self) -> None:
+        self.requests: list[dict] = []
+        self.replies: list[tuple[int, dict, bytes]] = []
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                receiver.requests.append({"path": self.path, "headers": dict(self.headers), "body": body})
+                status, headers, reply = receiver.replies.pop(0) if receiver.replies else (200, {}, b"ok")
+                self.send_response(status)
+                for name, value in headers.items():
+                    self.send_header(name, value)
+                self.send_header("Content-Length", str(len(reply)))
+                self.end_headers()
+                self.wfile.write(reply)
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True)
+
+    def reply(self, status: int, body: bytes, **headers: str) -> None:
+        self.replies.append((status, {k.replace("_", "-"): v for k, v in headers.items()}, body))
+
+
+@pytest.fixture
+def receiver():
+    receiver = Receiver()
+    receiver.thread.start()
+    yield receiver
+    receiver.server.shutdown()
+    receiver.server.server_close()
+
+class Mailbox:
+    """An aiosmtpd handler that keeps each message, or refuses recipients with `refuse`."""
+
+    def __init__(self) -> None:
+        self.envelopes = []
+        self.refuse: str | None = None
+
+    async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
+        if self.refuse:
+            return self.refuse
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
+
+    async def handle_DATA(self, server, session, envelope):
+        self.envelopes.append(envelope)
+        return "250 Message accepted"
+
+@pytest.fixture
+def smtp_server():
+    mailbox = Mailbox()
+    controller = Controller(mailbox, hostname="127.0.0.1", port=free_port())
+    controller.start()
+    yield mailbox, controller.port
+    controller.stop()

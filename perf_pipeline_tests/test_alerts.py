@@ -2,9 +2,7 @@
 per channel through real servers on loopback, with retries after a receiver's outage."""
 
 import json
-import threading
 from datetime import datetime, timedelta
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pandas as pd
 import pytest
@@ -13,6 +11,8 @@ from perf_pipeline.alerts import ALERT_COLUMNS, backoff, deliver_outbox, reconci
 from perf_pipeline.config import MonitoringSettings
 from perf_pipeline.notify.slack import SlackWebhookChannel
 from perf_pipeline.storage.warehouse import open_warehouse
+
+SECRET_URL_PATH = "/services/T000/B000/secret"
 
 T0 = pd.Timestamp("2026-11-10 12:00")
 NOW = datetime(2026, 11, 20, 8)
@@ -93,7 +93,7 @@ def test_muted_tests_and_small_or_untracked_changes_raise_nothing():
 def test_a_degrading_node_is_one_alert_whether_seen_as_a_trend_or_a_step():
     trends = pd.DataFrame([
         {"scope": "node", "metric_name": m, "test_name": None, "node_id": "n5", "is_significant": True,
-         "trend_direction": "degrading", "change_over_window_percent": c, "change_over_window": c / 10,
+         "trend_direction": "degrading", "change_over_window_percent": c,
          "change_rate_percent": c / 4, "window_mean": 50.0, "window_start": T0, "n_days": 30,
          "p_value_adjusted": 1e-8, "unit": "percent"}
         for m, c in (("memory_utilization", 45.0), ("node_error_rate", 120.0))])
@@ -113,44 +113,6 @@ def test_backoff_doubles_up_to_an_hour_and_honours_retry_after():
     assert backoff(20) == timedelta(hours=1) and backoff(1, retry_after=300) == timedelta(seconds=300)
 
 
-class _Receiver:
-    """A real HTTP server on loopback standing in for Slack's webhook; it fails while `down`."""
-
-    def __init__(self):
-        self.messages, self.down = [], False
-        receiver = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):
-                body = self.rfile.read(int(self.headers["Content-Length"]))
-                if receiver.down:
-                    self.send_response(503)
-                    self.end_headers()
-                    return
-                receiver.messages.append(json.loads(body))
-                self.send_response(200)
-                self.end_headers()
-                self.wfile.write(b"ok")
-
-            def log_message(self, *args):
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-        self.url = f"http://127.0.0.1:{self.server.server_port}/services/T000/B000/secret"
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
-
-
-@pytest.fixture
-def receiver():
-    receiver = _Receiver()
-    yield receiver
-    receiver.close()
-
-
 def _stored_outbox(tmp_path):
     outbox, _ = _reconcile(EMPTY, [_incident()], [_change("tests/a.py::t")])
     path = tmp_path / "perf.duckdb"
@@ -161,32 +123,68 @@ def _stored_outbox(tmp_path):
 
 def test_a_receiver_that_fails_for_a_while_gets_the_alert_once_after_it_recovers(tmp_path, receiver):
     path = _stored_outbox(tmp_path)
-    channel = SlackWebhookChannel(receiver.url)
-    receiver.down = True
+    channel = SlackWebhookChannel(f"http://127.0.0.1:{receiver.port}{SECRET_URL_PATH}")
+    receiver.reply(503, b"down")
     with open_warehouse(path) as wh:
         assert deliver_outbox(wh, [channel], now=NOW) == {"sent": 0, "failed": 1, "gave_up": 0}
         # before the backoff has passed nothing is tried again
         assert deliver_outbox(wh, [channel], now=NOW + timedelta(seconds=10)) == {"sent": 0, "failed": 0, "gave_up": 0}
-        receiver.down = False
         assert deliver_outbox(wh, [channel], now=NOW + timedelta(seconds=31))["sent"] == 1
         for minutes in (5, 60, 600):
             assert deliver_outbox(wh, [channel], now=NOW + timedelta(minutes=minutes))["sent"] == 0
         state = wh.table("alert_deliveries").iloc[0]
-    assert len(receiver.messages) == 1
+    delivered = [json.loads(r["body"]) for r in receiver.requests]
+    assert len(delivered) == 2  # the refused attempt and the delivery
     assert state.state == "sent" and state.attempts == 2 and "503" in state.last_error
     assert "secret" not in state.last_error
-    text = json.dumps(receiver.messages[0])
+    text = json.dumps(delivered[-1])
     for evidence in ("test_execution_time", "tests/a.py::t", "run-7", "abcdef1", "aaa..abc", "+30"):
         assert evidence in text, evidence
 
 
 def test_acknowledged_alerts_are_not_delivered_and_dead_receivers_are_given_up_on(tmp_path, receiver):
     path = _stored_outbox(tmp_path)
+    gone = SlackWebhookChannel(f"http://127.0.0.1:{receiver.port}/missing")
+    receiver.reply(404, b"no_service")
     with open_warehouse(path) as wh:
         alert_id = wh.table("regression_alerts").alert_id.iloc[0]
-        gone = SlackWebhookChannel(receiver.url.replace("/services/", "/missing/"))
-        receiver.server.RequestHandlerClass.do_POST = lambda self: (self.send_response(404), self.end_headers())
         assert deliver_outbox(wh, [gone], now=NOW) == {"sent": 0, "failed": 0, "gave_up": 1}
         assert deliver_outbox(wh, [gone], now=NOW + timedelta(days=1))["gave_up"] == 0
         wh.set_alert_status(alert_id, "acknowledged", "on it", NOW)
         assert wh.due_deliveries(["another_channel"], NOW).empty
+    assert len(receiver.requests) == 1
+
+
+def test_a_node_sick_in_several_metrics_and_the_trend_of_a_code_change_are_one_alert_each():
+    node_changes = [
+        {**_change(None, node="n5", scope="node", incident="n1", magnitude=60.0), "metric_name": "node_error_rate"},
+        {**_change(None, node="n5", scope="node", incident="n2", magnitude=25.0,
+                   at=T0 + pd.Timedelta(days=5)), "metric_name": "memory_utilization"}]
+    incidents = [_incident("n1", attribution="node_problem", node="n5"),
+                 _incident("n2", attribution="node_problem", node="n5", at=T0 + pd.Timedelta(days=5)),
+                 _incident("i1")]
+    fleet_trend = pd.DataFrame([{
+        "scope": "overall", "metric_name": "test_execution_time", "test_name": None, "node_id": None,
+        "is_significant": True, "trend_direction": "degrading", "change_over_window_percent": 14.0,
+        "change_rate_percent": 3.0, "window_mean": 1.0, "window_start": T0, "n_days": 30,
+        "p_value_adjusted": 1e-6, "unit": "ratio"}])
+    outbox, counts = _reconcile(EMPTY, incidents, [*node_changes, _change("a")], trends=fleet_trend)
+    assert sorted(outbox.attribution) == ["code_change", "node_problem"]
+    node = outbox[outbox.attribution == "node_problem"].iloc[0]
+    assert node.metric_name == "node_error_rate" and "memory_utilization +25%" in node.title
+    # the next run finds the memory step first: still the same alert about the node
+    later = _reconcile(outbox, incidents[1:], [*node_changes[1:], _change("a")], trends=fleet_trend)[0]
+    assert len(later) == 2 and set(later.alert_id) == set(outbox.alert_id)
+
+
+def test_steps_of_one_commit_placed_a_few_runs_apart_and_their_run_series_are_one_alert():
+    later = T0 + pd.Timedelta(hours=10)
+    changes = [_change("a", incident="i1"), _change("b", incident="i2", at=later),
+               {**_change(None, scope="overall", incident="c1", at=T0 - pd.Timedelta(days=2)),
+                "test_name": None}]
+    incidents = [_incident("i1"), _incident("i2", at=later),
+                 _incident("c1", attribution="ci_metric", at=T0 - pd.Timedelta(days=2))]
+    outbox, _ = _reconcile(EMPTY, incidents, changes)
+    assert len(outbox) == 1 and list(outbox.iloc[0].tests) == ["a", "b"]
+    far = [_change("a", incident="i1"), _change("b", incident="i2", at=T0 + pd.Timedelta(days=2))]
+    assert len(_reconcile(EMPTY, [_incident("i1"), _incident("i2", at=T0 + pd.Timedelta(days=2))], far)[0]) == 2

@@ -41,7 +41,8 @@ def _fleet(seed: int, tmp_path_factory) -> dict:
                                    "node_health", "metric_correlations", "configuration_effects",
                                    "regression_causes", "node_performance_scores",
                                    "node_health_risk", "optimization_recommendations",
-                                   "performance_models", "performance_forecasts")}
+                                   "performance_models", "performance_forecasts",
+                                   "regression_alerts")}
             tables["node_points"] = wh.con.execute(
                 "SELECT metric_name, node_id, count(*) AS n FROM normalized_timeseries "
                 "WHERE test_name IS NULL GROUP BY ALL").df()
@@ -369,3 +370,86 @@ def test_models_beat_naive_forecasts_on_seasonal_metrics_or_give_way(tmp_path_fa
     assert set(cpu.series) == nodes and cpu.groupby("series").size().eq(14 * 24).all()
     assert (forecasts.lower <= forecasts.forecast).all() and (forecasts.forecast <= forecasts.upper).all()
     assert set(forecasts.method[forecasts.metric_name == "cpu_usage"]) == {"model"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", SEEDS)
+def test_each_injected_regression_is_one_alert_delivered_once_to_slack_and_email(
+        tmp_path_factory, seed, receiver, smtp_server):
+    from email import message_from_bytes, policy
+
+    from perf_pipeline.alerts import deliver_outbox
+    from perf_pipeline.notify.email import EmailChannel
+    from perf_pipeline.notify.slack import SlackWebhookChannel
+
+    fleet = _fleet(seed, tmp_path_factory)
+    alerts = fleet["regression_alerts"]
+    injections = [i for i in fleet["truth"]["injections"]
+                  if i["kind"] in ("step", "node_step", "trend") and i["direction"] == "regression"]
+
+    def matches(alert, injection) -> bool:
+        if injection["kind"] == "step":
+            return (alert.attribution == "code_change" and set(alert.tests) <= set(injection["test_names"])
+                    and abs(run_number(alert.first_test_run_id) - run_number(injection["test_run_id"])) <= 1)
+        return alert.attribution in ("node_problem", "trend") and alert.node_id == injection["node_id"]
+
+    for injection in injections:
+        assert sum(matches(a, injection) for a in alerts.itertuples()) == 1, (injection["id"], alerts.title.tolist())
+    assert all(any(matches(a, i) for i in injections) for a in alerts.itertuples()), alerts.title.tolist()
+
+    mailbox, port = smtp_server
+    channels = [SlackWebhookChannel(f"http://127.0.0.1:{receiver.port}/hook"),
+                EmailChannel("127.0.0.1", port, sender="perf@example.test", recipients=["owners@example.test"])]
+    with open_warehouse(fleet["database"]) as wh:
+        now = datetime.now(timezone.utc).replace(tzinfo=None)
+        assert deliver_outbox(wh, channels, now=now)["sent"] == 2 * len(alerts)
+        assert deliver_outbox(wh, channels, now=now + pd.Timedelta(hours=2))["sent"] == 0
+    assert len(receiver.requests) == len(mailbox.envelopes) == len(alerts)
+    for alert, request, envelope in zip(alerts.sort_values(["created_at", "alert_id"]).itertuples(),
+                                        receiver.requests, mailbox.envelopes):
+        slack = json.loads(request["body"])
+        text = message_from_bytes(envelope.content, policy=policy.default).get_body(("plain",)).get_content()
+        for evidence in (alert.metric_name, f"{alert.magnitude_percent:+.0f}"):
+            assert evidence in json.dumps(slack) and evidence in text, (evidence, alert.title)
+
+
+def _noise_rows(rng: np.random.Generator, days: int = 21) -> list[dict]:
+    """A fleet with nothing in it but noise: 6 nodes, 10 tests, 8 runs a day, hourly samples."""
+    from perf_pipeline_tests.conftest import metric_row
+
+    start = datetime(2026, 10, 20, tzinfo=timezone.utc)
+    base = rng.lognormal(0, 1, 10)
+    rows = []
+    for hour in range(days * 24):
+        at = start + pd.Timedelta(hours=hour)
+        for node in range(6):
+            for metric, level, sd in (("cpu_usage", 45, 4), ("memory_utilization", 40, 2),
+                                      ("node_error_rate", 0.5, 0.05), ("node_failure_rate", 2, 0.25)):
+                rows.append(metric_row(at.isoformat(), metric, max(level + rng.normal(0, sd), 0.0),
+                                       test_name=None, node_id=f"node-{node}", run=None))
+        if hour % 3 == 0:
+            run = f"run-{hour:05d}"
+            for test in range(10):
+                rows.append(metric_row((at + pd.Timedelta(seconds=test)).isoformat(),
+                                       value=base[test] * rng.lognormal(0, 0.08),
+                                       test_name=f"tests/t{test}.py::case", node_id=f"node-{rng.integers(6)}",
+                                       run=run))
+    return rows
+
+
+@pytest.mark.slow
+def test_a_fleet_of_pure_noise_raises_no_alert(tmp_path, monkeypatch):
+    from perf_pipeline_tests.conftest import write_jsonl
+
+    monkeypatch.setenv("PERF_PIPELINE_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("PERF_PIPELINE_DATABASE", raising=False)
+    monkeypatch.delenv("DAGSTER_HOME", raising=False)
+    paths = paths_from_env().ensure()
+    ingest_files([write_jsonl(tmp_path / "noise.jsonl", _noise_rows(np.random.default_rng(11)))],
+                 paths.landing, today=END.date())
+    run_pipeline(paths, progress=lambda _: None)
+    with open_warehouse(paths.database, read_only=True) as wh:
+        alerts = wh.table("regression_alerts")
+        risky = wh.top_risks()
+    assert alerts.empty, alerts.title.tolist()
+    assert risky.empty, risky

@@ -10,12 +10,9 @@ import email
 import email.policy
 import json
 import logging
-import socket
 import ssl
 import subprocess
-import threading
 from datetime import datetime, timezone
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import slack_sdk
@@ -32,6 +29,7 @@ from perf_pipeline.notify.messages import (
     slack_payload,
 )
 from perf_pipeline.notify.slack import SlackBotChannel, SlackWebhookChannel
+from perf_pipeline_tests.conftest import Mailbox, Receiver, free_port
 
 WEBHOOK_SECRET = "T0SECRET/B0SECRET/xyzzyWebhookSecret"
 BOT_TOKEN = "xoxb-secret-token-4242"
@@ -63,12 +61,6 @@ FAILURE = {"run_id": "9f8e7d6c-5b4a-3210", "job_name": "daily_analysis_job",
 EVIDENCE = ["test_execution_time", "1.2 s → 1.62 s", "+35", "0.0012", "run-0042", "c0ffee1234",
             "changed the fixture setup", "conftest_heavy",
             "http://dagster.local/assets/regression_alerts?partition=2026-03-01"]
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 # ------------------------------------------------------------------ messages
@@ -123,46 +115,6 @@ def test_run_failure_messages_name_the_run_job_error_and_link():
 
 
 # ------------------------------------------------------------------ a local HTTP server
-
-
-class Receiver:
-    """An HTTP server that records each request and answers with the next queued reply."""
-
-    def __init__(self) -> None:
-        self.requests: list[dict] = []
-        self.replies: list[tuple[int, dict, bytes]] = []
-        receiver = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-                receiver.requests.append({"path": self.path, "headers": dict(self.headers), "body": body})
-                status, headers, reply = receiver.replies.pop(0) if receiver.replies else (200, {}, b"ok")
-                self.send_response(status)
-                for name, value in headers.items():
-                    self.send_header(name, value)
-                self.send_header("Content-Length", str(len(reply)))
-                self.end_headers()
-                self.wfile.write(reply)
-
-            def log_message(self, *args) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.port = self.server.server_address[1]
-        self.thread = threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True)
-
-    def reply(self, status: int, body: bytes, **headers: str) -> None:
-        self.replies.append((status, {k.replace("_", "-"): v for k, v in headers.items()}, body))
-
-
-@pytest.fixture
-def receiver():
-    receiver = Receiver()
-    receiver.thread.start()
-    yield receiver
-    receiver.server.shutdown()
-    receiver.server.server_close()
 
 
 def assert_secret_hidden(secret: str, error: DeliveryError, channel, caplog) -> None:
@@ -281,37 +233,10 @@ def test_bot_unreachable_is_retryable(caplog):
 # ------------------------------------------------------------------ email
 
 
-class Mailbox:
-    """An aiosmtpd handler that keeps each message, or refuses recipients with `refuse`."""
-
-    def __init__(self) -> None:
-        self.envelopes = []
-        self.refuse: str | None = None
-
-    async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
-        if self.refuse:
-            return self.refuse
-        envelope.rcpt_tos.append(address)
-        return "250 OK"
-
-    async def handle_DATA(self, server, session, envelope):
-        self.envelopes.append(envelope)
-        return "250 Message accepted"
-
-
 def authenticate(server, session, envelope, mechanism, auth_data) -> AuthResult:
     accepted = isinstance(auth_data, LoginPassword) and (auth_data.login, auth_data.password) == (
         SMTP_USER.encode(), SMTP_PASSWORD.encode())
     return AuthResult(success=accepted, handled=False)  # handled=False: the server sends the 535
-
-
-@pytest.fixture
-def smtp_server():
-    mailbox = Mailbox()
-    controller = Controller(mailbox, hostname="127.0.0.1", port=free_port())
-    controller.start()
-    yield mailbox, controller.port
-    controller.stop()
 
 
 @pytest.fixture(scope="module")

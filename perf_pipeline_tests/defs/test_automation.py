@@ -1,0 +1,174 @@
+"""Sensors, schedules and retention evaluated on a real DagsterInstance and DuckDB file."""
+
+import email
+import email.policy
+import json
+from datetime import date, datetime, timedelta, timezone
+
+import dagster as dg
+import pandas as pd
+import pytest
+
+from perf_pipeline.config import configure_performance_monitoring
+from perf_pipeline.definitions import build_defs
+from perf_pipeline.defs.alerts import regression_alert_sensor, run_failure_alert_sensor
+from perf_pipeline.defs.automation import (
+    daily_analysis_schedule,
+    landing_sensor,
+    refresh_after_ingest,
+    retention_schedule,
+    weekly_model_schedule,
+)
+from perf_pipeline.ingest.landing import ingest_files, landed_days
+from perf_pipeline.storage.warehouse import open_warehouse
+from perf_pipeline_tests.conftest import metric_row, write_jsonl
+from perf_pipeline_tests.test_alerts import _stored_outbox
+
+TODAY = date(2026, 11, 28)
+
+
+@pytest.fixture
+def instance(tmp_path):
+    (tmp_path / "dagster").mkdir()
+    with dg.instance_for_test(temp_dir=str(tmp_path / "dagster")) as instance:
+        yield instance
+
+
+def _land(paths, tmp_path, days: list[date], name: str = "fleet.jsonl") -> None:
+    rows = [metric_row(f"{d.isoformat()}T{h:02d}:00:00+00:00", "cpu_usage", 40.0 + h, test_name=None,
+                       node_id="node-1", run=None) for d in days for h in range(0, 24, 6)]
+    ingest_files([write_jsonl(tmp_path / name, rows)], paths.landing, today=TODAY)
+
+
+def _tick(sensor, instance, defs, cursor=None):
+    context = dg.build_sensor_context(instance=instance, cursor=cursor, resources=defs.resources,
+                                      definitions=defs)
+    return sensor.evaluate_tick(context)
+
+
+def test_the_landing_sensor_asks_once_per_version_of_each_day(paths, tmp_path, instance):
+    defs = build_defs(paths)
+    days = [date(2026, 11, 20), date(2026, 11, 21)]
+    _land(paths, tmp_path, days)
+    first = _tick(landing_sensor, instance, defs)
+    assert [r.partition_key for r in first.run_requests] == ["2026-11-20", "2026-11-21"]
+    assert all(r.run_key.startswith(f"ingest:{r.partition_key}:") for r in first.run_requests)
+    again = _tick(landing_sensor, instance, defs, cursor=first.cursor)
+    assert again.run_requests == [] and "no new or changed" in again.skip_message
+
+    # once loaded, a fresh sensor (no cursor) finds nothing to do either
+    job = defs.resolve_job_def("daily_ingest_job")
+    for request in first.run_requests:
+        assert job.execute_in_process(instance=instance, partition_key=request.partition_key).success
+    assert _tick(landing_sensor, instance, defs).run_requests == []
+
+    # a late file for one day: that day again, under a new run key
+    _land(paths, tmp_path, [days[1]], name="late.jsonl")
+    late = _tick(landing_sensor, instance, defs, cursor=first.cursor)
+    assert [r.partition_key for r in late.run_requests] == ["2026-11-21"]
+    assert late.run_requests[0].run_key != first.run_requests[1].run_key
+
+
+def test_a_successful_ingest_run_is_followed_by_the_alerting_refresh(paths, tmp_path, instance):
+    defs = build_defs(paths)
+    _land(paths, tmp_path, [date(2026, 11, 20)])
+    result = defs.resolve_job_def("daily_ingest_job").execute_in_process(
+        instance=instance, partition_key="2026-11-20")
+    context = dg.build_run_status_sensor_context(
+        sensor_name="refresh_after_ingest", dagster_instance=instance,
+        dagster_run=result.dagster_run, dagster_event=result.get_run_success_event())
+    request = refresh_after_ingest(context)
+    assert request.run_key == f"refresh:{result.run_id}"
+    assert refresh_after_ingest.job_name == "alerting_job"
+
+
+def _channels_env(monkeypatch, receiver, smtp_port):
+    monkeypatch.setenv("PERF_SLACK_WEBHOOK_URL", f"http://127.0.0.1:{receiver.port}/services/T/B/hook-secret")
+    monkeypatch.setenv("PERF_SMTP_HOST", "127.0.0.1")
+    monkeypatch.setenv("PERF_SMTP_PORT", str(smtp_port))
+    monkeypatch.setenv("PERF_SMTP_SECURITY", "none")
+    monkeypatch.setenv("PERF_ALERT_EMAIL_TO", "fleet-owners@example.test")
+    monkeypatch.setenv("PERF_DAGSTER_URL", "http://127.0.0.1:3000")
+
+
+def test_the_alert_sensor_delivers_each_alert_once_per_channel(paths, tmp_path, instance, receiver,
+                                                               smtp_server, monkeypatch):
+    defs = build_defs(paths)
+    assert "no notification channel" in _tick(regression_alert_sensor, instance, defs).skip_message
+    mailbox, port = smtp_server
+    _channels_env(monkeypatch, receiver, port)
+    _stored_outbox(paths.database.parent).replace(paths.database)
+    for _ in range(3):
+        _tick(regression_alert_sensor, instance, defs)
+    assert len(receiver.requests) == 1 and len(mailbox.envelopes) == 1
+    slack = json.loads(receiver.requests[0]["body"])
+    assert "http://127.0.0.1:3000/assets/regression_alerts" in json.dumps(slack)
+    mail = email.message_from_bytes(mailbox.envelopes[0].content, policy=email.policy.default)
+    body = mail.get_body(("plain",)).get_content()
+    assert "test_execution_time" in mail["Subject"] and "tests/a.py::t" in body and "aaa..abc" in body
+    with open_warehouse(paths.database, read_only=True) as wh:
+        states = wh.table("alert_deliveries")
+    assert sorted(zip(states.channel, states.state)) == [("email", "sent"), ("slack_webhook", "sent")]
+
+    configure_performance_monitoring(paths.home / "perf_pipeline.yaml", notification_channels=["email"])
+    assert [c.name for c in defs.resources["notifier"].channels(["email"])] == ["email"]
+
+
+def test_a_failed_run_is_posted_to_the_channels(paths, instance, receiver, smtp_server, monkeypatch):
+    mailbox, port = smtp_server
+    _channels_env(monkeypatch, receiver, port)
+    defs = build_defs(paths)
+    bad = {"ops": {"performance_models": {"config": {"metrics": ["cpu_usgae"]}}}}
+    result = defs.resolve_job_def("model_training_job").execute_in_process(
+        instance=instance, run_config=bad, raise_on_error=False)
+    assert not result.success
+    failure = result.get_run_failure_event()
+    context = dg.build_run_status_sensor_context(
+        sensor_name="run_failure_alert_sensor", dagster_instance=instance,
+        dagster_run=result.dagster_run, dagster_event=failure, resources=defs.resources).for_run_failure()
+    run_failure_alert_sensor(context)
+    posted = json.dumps(json.loads(receiver.requests[0]["body"]))
+    assert result.run_id in posted and "model_training_job" in posted
+    assert f"http://127.0.0.1:3000/runs/{result.run_id}" in posted
+    assert len(mailbox.envelopes) == 1
+
+
+def test_schedules_run_by_default_and_request_their_jobs(paths, instance):
+    defs = build_defs(paths)
+    for schedule, job in ((daily_analysis_schedule, "daily_refresh_job"),
+                          (retention_schedule, "retention_job"),
+                          (weekly_model_schedule, "model_training_job")):
+        assert schedule.default_status == dg.DefaultScheduleStatus.RUNNING
+        context = dg.build_schedule_context(instance=instance,
+                                            scheduled_execution_time=datetime(2026, 11, 29, 3, tzinfo=timezone.utc))
+        assert len(schedule.evaluate_tick(context).run_requests) == 1 and schedule.job_name == job
+    refresh = defs.resolve_job_def("daily_refresh_job")
+    assert "performance_models" not in {k.to_user_string() for k in refresh.asset_layer.executable_asset_keys}
+    for sensor in defs.sensors:
+        assert sensor.default_status == dg.DefaultSensorStatus.RUNNING, sensor.name
+
+
+def test_retention_deletes_what_is_older_than_the_limit_and_keeps_the_rest(paths, tmp_path, instance):
+    now = datetime.now(timezone.utc).replace(tzinfo=None)
+    old, young = (now - timedelta(days=40)).date(), (now - timedelta(days=5)).date()
+    _land(paths, tmp_path, [old, young])
+    defs = build_defs(paths)
+    ingest = defs.resolve_job_def("daily_ingest_job")
+    for day in (old, young):
+        assert ingest.execute_in_process(instance=instance, partition_key=day.isoformat()).success
+    configure_performance_monitoring(paths.home / "perf_pipeline.yaml", retention_period_days=30,
+                                     rollup_retention_days=60)
+    result = defs.resolve_job_def("retention_job").execute_in_process(instance=instance)
+    assert result.success
+    report = result.output_for_node("apply_retention")
+    assert report["rows_deleted_performance_metrics"] == 4 and report["landing_days_removed"] == 1
+    assert report["rows_deleted_metric_rollups_hourly"] == 0  # rollups are kept for 60 days
+    assert report["landing_bytes_freed"] > 0
+    with open_warehouse(paths.database, read_only=True) as wh:
+        days = wh.con.execute("SELECT DISTINCT CAST(timestamp AS DATE) FROM performance_metrics").fetchall()
+        rollups = wh.con.execute("SELECT count(*) FROM metric_rollups_hourly").fetchall()[0][0]
+    assert [d for (d,) in days] == [young] and rollups == 8
+    assert landed_days(paths.landing) == [young]
+    # the young day can still be re-run from its landing folder
+    assert ingest.execute_in_process(instance=instance, partition_key=young.isoformat()).success
+    assert pd.Timestamp(report["raw_before"]).date() == (now - timedelta(days=30)).date()

@@ -453,3 +453,27 @@ def test_a_fleet_of_pure_noise_raises_no_alert(tmp_path, monkeypatch):
         risky = wh.top_risks()
     assert alerts.empty, alerts.title.tolist()
     assert risky.empty, risky
+
+
+@pytest.mark.slow
+def test_a_muted_test_raises_no_alert_and_sends_nothing(tmp_path_factory, tmp_path, receiver):
+    from perf_pipeline.alerts import ALERT_COLUMNS, deliver_outbox, reconcile
+    from perf_pipeline.config import MonitoringSettings
+    from perf_pipeline.notify.slack import SlackWebhookChannel
+
+    fleet = _fleet(1, tmp_path_factory)
+    step = next(i for i in fleet["truth"]["injections"] if i["kind"] == "step" and i["direction"] == "regression")
+    now = datetime.now(timezone.utc).replace(tzinfo=None)
+    muted = MonitoringSettings(mutes=[{"test": t, "until": now + pd.Timedelta(days=7)} for t in step["test_names"]])
+    inputs = {"incidents": fleet["change_incidents"], "changes": fleet["change_points"],
+              "causes": fleet["regression_causes"], "trends": fleet["trend_stats"]}
+    everything, _ = reconcile(pd.DataFrame(columns=ALERT_COLUMNS), settings=MonitoringSettings(), now=now, **inputs)
+    quiet, _ = reconcile(pd.DataFrame(columns=ALERT_COLUMNS), settings=muted, now=now, **inputs)
+    silenced = set(everything.alert_id) - set(quiet.alert_id)
+    assert len(silenced) == 1
+    assert set(everything.set_index("alert_id").loc[list(silenced), "tests"].iloc[0]) <= set(step["test_names"])
+    with open_warehouse(tmp_path / "perf.duckdb") as wh:
+        wh.replace_table("regression_alerts", quiet)
+        deliver_outbox(wh, [SlackWebhookChannel(f"http://127.0.0.1:{receiver.port}/hook")], now=now)
+    sent = [json.loads(r["body"]) for r in receiver.requests]
+    assert len(sent) == len(quiet) and not any(t in json.dumps(sent) for t in step["test_names"])

@@ -1,11 +1,11 @@
 """Jobs, schedules and sensors: the pipeline running unattended.
 
-- `landing_sensor` (every 30 s) asks for an ingest run per landing day whose files changed
-  since raw_metrics last loaded them; its run key is the day and its files' checksums, so a
-  day is loaded once per version of its files.
-- `refresh_after_ingest` (a run-status sensor) follows each successful ingest run with
+- `landing_sensor` (every 30 s) asks for an ingest run per contiguous range of landing days
+  whose files changed since raw_metrics last loaded them; its run key is the range and its
+  files' checksums, so a day is loaded once per version of its files.
+- `refresh_after_ingest` (a run-status sensor) follows a successful ingest run with
   `alerting_job`: the change points, causes, trends and alert outbox that a new day can
-  move. Measured against declarative automation in docs/architecture.md.
+  move — unless a refresh is already waiting to start, which will read the new data too.
 - Schedules: the whole analysis daily, retention daily, model retraining weekly.
 All of them run by default, so `dagster dev` just works.
 """
@@ -20,7 +20,7 @@ from perf_pipeline.defs.alerts import MonitoringResource
 from perf_pipeline.defs.analysis import utc_now
 from perf_pipeline.defs.partitions import daily_partitions
 from perf_pipeline.defs.resources import WarehouseResource
-from perf_pipeline.defs.runner import changed_landing
+from perf_pipeline.defs.runner import RANGE_END_TAG, RANGE_START_TAG, changed_landing, contiguous_ranges
 from perf_pipeline.ingest.landing import checksum, remove_days_before
 from perf_pipeline.storage.warehouse import WarehouseLockedError
 
@@ -120,7 +120,7 @@ def landing_sensor(context: dg.SensorEvaluationContext, warehouse: WarehouseReso
         return dg.SkipReason("the database is being written; checking again on the next tick")
     requested = json.loads(context.cursor) if context.cursor else {}
     valid_from = date.fromisoformat(daily_partitions.start.strftime("%Y-%m-%d"))
-    requests = []
+    days = []
     for day, files in sorted(changed.items()):
         digest = _digest(files)
         if requested.get(day.isoformat()) == digest:
@@ -129,9 +129,16 @@ def landing_sensor(context: dg.SensorEvaluationContext, warehouse: WarehouseReso
             context.log.warning(f"landing day {day} is before the first partition; not loaded")
             continue
         requested[day.isoformat()] = digest
-        requests.append(dg.RunRequest(run_key=f"ingest:{day.isoformat()}:{digest}",
-                                      partition_key=day.isoformat()))
+        days.append(day)
     context.update_cursor(json.dumps(requested, sort_keys=True))
+    # A run per contiguous range, as `perf-pipeline run` does: raw_metrics loads a range in
+    # one run (single-run backfill policy), so three weeks landing at once is one run, not 21.
+    requests = []
+    for first, last in contiguous_ranges(days):
+        digest = _digest({d: requested[d] for d in requested if first.isoformat() <= d <= last.isoformat()})
+        requests.append(dg.RunRequest(
+            run_key=f"ingest:{first.isoformat()}..{last.isoformat()}:{digest}",
+            tags={RANGE_START_TAG: first.isoformat(), RANGE_END_TAG: last.isoformat()}))
     return requests or dg.SkipReason("no new or changed landing files")
 
 
@@ -139,4 +146,9 @@ def landing_sensor(context: dg.SensorEvaluationContext, warehouse: WarehouseReso
                       request_job=alerting_job, default_status=dg.DefaultSensorStatus.RUNNING,
                       description="After each successful ingest run, refresh what can raise an alert.")
 def refresh_after_ingest(context: dg.RunStatusSensorContext):
+    waiting = context.instance.get_run_records(filters=dg.RunsFilter(
+        job_name=alerting_job.name, statuses=[dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.NOT_STARTED]),
+        limit=1)
+    if waiting:  # a refresh that has not started yet will read this run's data too
+        return dg.SkipReason(f"a refresh is already waiting ({waiting[0].dagster_run.run_id})")
     return dg.RunRequest(run_key=f"refresh:{context.dagster_run.run_id}")

@@ -12,6 +12,7 @@ import pytest
 from perf_pipeline.config import configure_performance_monitoring
 from perf_pipeline.definitions import build_defs
 from perf_pipeline.defs.alerts import regression_alert_sensor, run_failure_alert_sensor
+from perf_pipeline.defs.runner import RANGE_END_TAG, RANGE_START_TAG
 from perf_pipeline.defs.automation import (
     daily_analysis_schedule,
     landing_sensor,
@@ -46,27 +47,29 @@ def _tick(sensor, instance, defs, cursor=None):
     return sensor.evaluate_tick(context)
 
 
-def test_the_landing_sensor_asks_once_per_version_of_each_day(paths, tmp_path, instance):
+def test_the_landing_sensor_asks_once_per_version_of_each_range_of_days(paths, tmp_path, instance):
     defs = build_defs(paths)
-    days = [date(2026, 11, 20), date(2026, 11, 21)]
+    days = [date(2026, 11, 20), date(2026, 11, 21), date(2026, 11, 24)]
     _land(paths, tmp_path, days)
     first = _tick(landing_sensor, instance, defs)
-    assert [r.partition_key for r in first.run_requests] == ["2026-11-20", "2026-11-21"]
-    assert all(r.run_key.startswith(f"ingest:{r.partition_key}:") for r in first.run_requests)
+    ranges = [(r.tags[RANGE_START_TAG], r.tags[RANGE_END_TAG]) for r in first.run_requests]
+    assert ranges == [("2026-11-20", "2026-11-21"), ("2026-11-24", "2026-11-24")]
+    assert first.run_requests[0].run_key.startswith("ingest:2026-11-20..2026-11-21:")
     again = _tick(landing_sensor, instance, defs, cursor=first.cursor)
     assert again.run_requests == [] and "no new or changed" in again.skip_message
 
     # once loaded, a fresh sensor (no cursor) finds nothing to do either
     job = defs.resolve_job_def("daily_ingest_job")
     for request in first.run_requests:
-        assert job.execute_in_process(instance=instance, partition_key=request.partition_key).success
+        assert job.execute_in_process(instance=instance, tags=request.tags).success
     assert _tick(landing_sensor, instance, defs).run_requests == []
 
     # a late file for one day: that day again, under a new run key
     _land(paths, tmp_path, [days[1]], name="late.jsonl")
     late = _tick(landing_sensor, instance, defs, cursor=first.cursor)
-    assert [r.partition_key for r in late.run_requests] == ["2026-11-21"]
-    assert late.run_requests[0].run_key != first.run_requests[1].run_key
+    assert [(r.tags[RANGE_START_TAG], r.tags[RANGE_END_TAG]) for r in late.run_requests] == [
+        ("2026-11-21", "2026-11-21")]
+    assert late.run_requests[0].run_key not in {r.run_key for r in first.run_requests}
 
 
 def test_a_successful_ingest_run_is_followed_by_the_alerting_refresh(paths, tmp_path, instance):
@@ -80,6 +83,9 @@ def test_a_successful_ingest_run_is_followed_by_the_alerting_refresh(paths, tmp_
     request = refresh_after_ingest(context)
     assert request.run_key == f"refresh:{result.run_id}"
     assert refresh_after_ingest.job_name == "alerting_job"
+    # while a refresh waits in the queue, more ingest runs add no refresh of their own
+    instance.create_run_for_job(defs.resolve_job_def("alerting_job"), status=dg.DagsterRunStatus.NOT_STARTED)
+    assert "already waiting" in refresh_after_ingest(context).skip_message
 
 
 def _channels_env(monkeypatch, receiver, smtp_port):

@@ -188,8 +188,15 @@ class MonitoringSettings(BaseModel):
 
     def muted(self, *, metric: str | None, tests: list[str], node: str | None,
               now: datetime) -> Mute | None:
-        return next((m for m in self.mutes if m.active(now)
-                     and m.matches(metric=metric, tests=tests, node=node)), None)
+        """The mute that silences a finding: one naming its node or metric, or mutes that
+        between them cover every one of its tests."""
+        active = [m for m in self.mutes if m.active(now)]
+        for mute in active:
+            if mute.test is None and mute.matches(metric=metric, tests=tests, node=node):
+                return mute
+        covering = [next((m for m in active if m.test is not None
+                          and m.matches(metric=metric, tests=[t], node=node)), None) for t in tests]
+        return covering[0] if tests and all(covering) else None
 
 
 class ConfigError(ValueError):

@@ -59,3 +59,27 @@ def test_errors_are_one_clear_line(tmp_path):
     unsupported = _run([str(BIN / "perf-pipeline"), "ingest", str(tmp_path / "x.parquet")], tmp_path)
     assert unsupported.returncode == 2 and "Traceback" not in unsupported.stderr
     assert "unsupported format .parquet" in unsupported.stderr
+
+
+def test_alerts_are_listed_acknowledged_invalidated_and_muted_from_the_command_line(tmp_path):
+    from perf_pipeline.config import load_monitoring
+    from perf_pipeline_tests.test_alerts import _stored_outbox
+
+    home = tmp_path / "home"
+    home.mkdir()
+    _stored_outbox(home)
+    cli = str(BIN / "perf-pipeline")
+    listed = _run([cli, "alerts", "list", "--json"], home)
+    assert listed.returncode == 0, listed.stderr
+    (alert,) = __import__("json").loads(listed.stdout)
+    assert alert["status"] == "new" and alert["tests"] == ["tests/a.py::t"]
+    acked = _run([cli, "alerts", "ack", alert["alert_id"], "--note", "on it"], home)
+    assert acked.returncode == 0 and f"alert {alert['alert_id']}: acknowledged" in acked.stdout
+    assert "acknowledged" in _run([cli, "alerts", "list", "--status", "acknowledged"], home).stdout
+    missing = _run([cli, "alerts", "invalid", "nope"], home)
+    assert missing.returncode == 2 and "no alert 'nope'" in missing.stderr
+    muted = _run([cli, "alerts", "mute", "--test", "tests/flaky/*", "--until", "2026-12-31"], home)
+    assert muted.returncode == 0, muted.stderr
+    assert load_monitoring(home / "perf_pipeline.yaml").mutes[0].test == "tests/flaky/*"
+    bad = _run([cli, "alerts", "mute", "--metric", "cpu_usgae", "--until", "2026-12-31"], home)
+    assert bad.returncode == 2 and "unknown metric 'cpu_usgae'" in bad.stderr

@@ -62,6 +62,10 @@ def test_mutes_match_what_they_name_until_they_expire():
     assert settings.muted(metric="test_execution_time", tests=["tests/flaky/a.py::t"], node=None, now=now)
     assert not settings.muted(metric="test_execution_time", tests=["tests/flaky/a.py::t", "tests/b.py::u"],
                               node=None, now=now)
+    both = settings.model_copy(update={"mutes": [*settings.mutes, *MonitoringSettings(
+        mutes=[{"test": "tests/b.py::u", "until": "2026-12-01"}]).mutes]})
+    assert both.muted(metric="test_execution_time", tests=["tests/flaky/a.py::t", "tests/b.py::u"],
+                      node=None, now=now)
     assert settings.muted(metric="cpu_usage", tests=[], node="node-3", now=now)
     assert not settings.muted(metric="memory_usage", tests=[], node="node-3", now=now)
     assert not settings.muted(metric="cpu_usage", tests=[], node="node-3", now=datetime(2026, 12, 2))

@@ -10,6 +10,7 @@ ASSET_GROUPS = {
     "models": ("performance_models", "performance_forecasts", "node_performance_scores",
                "node_health_risk"),
     "actions": ("optimization_recommendations", "optimization_actions"),
+    "alerts": ("regression_alerts",),
 }
 # Everything the analysis job materializes after ingest, and the group each one shows in.
 ANALYSIS_ASSETS = tuple(name for names in ASSET_GROUPS.values() for name in names)
@@ -56,3 +57,14 @@ def test_workspace_and_pyproject_point_at_the_same_module():
     module = workspace["load_from"][0]["python_module"]["module_name"]
     pyproject = tomllib.loads((root / "pyproject.toml").read_text())
     assert module == pyproject["tool"]["dagster"]["module_name"] == "perf_pipeline.definitions"
+
+
+def test_the_jobs_schedules_and_sensors_that_run_unattended_exist():
+    assert {job.name for job in defs.resolve_all_job_defs()} >= {
+        "daily_ingest_job", "analysis_job", "daily_refresh_job", "model_training_job",
+        "alerting_job", "retention_job"}
+    assert {s.name: s.job_name for s in defs.schedules} == {
+        "daily_analysis_schedule": "daily_refresh_job", "retention_schedule": "retention_job",
+        "weekly_model_schedule": "model_training_job"}
+    assert {s.name for s in defs.sensors} == {"landing_sensor", "refresh_after_ingest",
+                                              "regression_alert_sensor", "run_failure_alert_sensor"}

@@ -113,7 +113,7 @@ class NotifierResource(dg.ConfigurableResource):
         return found
 
 
-@dg.sensor(minimum_interval_seconds=15, default_status=dg.DefaultSensorStatus.RUNNING,
+@dg.sensor(minimum_interval_seconds=5, default_status=dg.DefaultSensorStatus.RUNNING,
            description="Delivers new regression alerts to every configured channel, once each, "
                        "retrying failed deliveries with backoff; state in alert_deliveries.")
 def regression_alert_sensor(context: dg.SensorEvaluationContext, warehouse: WarehouseResource,

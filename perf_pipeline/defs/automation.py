@@ -1,6 +1,6 @@
 """Jobs, schedules and sensors: the pipeline running unattended.
 
-- `landing_sensor` (every 30 s) asks for an ingest run per contiguous range of landing days
+- `landing_sensor` (every 15 s) asks for an ingest run per contiguous range of landing days
   whose files changed since raw_metrics last loaded them; its run key is the range and its
   files' checksums, so a day is loaded once per version of its files.
 - `refresh_after_ingest` (a run-status sensor) follows a successful ingest run with
@@ -110,7 +110,7 @@ def _digest(files: dict[str, str]) -> str:
     return checksum(json.dumps(sorted(files.items())).encode())[:16]
 
 
-@dg.sensor(job=daily_ingest_job, minimum_interval_seconds=30,
+@dg.sensor(job=daily_ingest_job, minimum_interval_seconds=15,
            default_status=dg.DefaultSensorStatus.RUNNING,
            description="An ingest run for every landing day whose files changed.")
 def landing_sensor(context: dg.SensorEvaluationContext, warehouse: WarehouseResource):
@@ -144,6 +144,7 @@ def landing_sensor(context: dg.SensorEvaluationContext, warehouse: WarehouseReso
 
 @dg.run_status_sensor(run_status=dg.DagsterRunStatus.SUCCESS, monitored_jobs=[daily_ingest_job],
                       request_job=alerting_job, default_status=dg.DefaultSensorStatus.RUNNING,
+                      minimum_interval_seconds=5,
                       description="After each successful ingest run, refresh what can raise an alert.")
 def refresh_after_ingest(context: dg.RunStatusSensorContext):
     waiting = context.instance.get_run_records(filters=dg.RunsFilter(

@@ -222,3 +222,13 @@ def test_sharp_two_sigma_steps_stay_steps_where_they_are(family):
         found += any(abs(c.index - at) <= 5 for c in changes)
         ramps += sum(c.shape == "ramp" for c in changes)
     assert ramps == 0 and found >= (20 if family == "gaussian" else 17)
+
+
+def test_a_step_that_hides_four_cycles_is_found_once_the_cycle_is_looked_for_around_it():
+    # 100 hourly points: the step keeps the cycle from the lag differences, and with the
+    # cycle left in, the step does not stand out
+    values = noise("seasonal", 100, np.random.default_rng(134))
+    values[50:] += 2
+    assert find_period(values) is None
+    (change,) = detect_change_points(values)
+    assert abs(change.index - 50) <= 5 and change.kind == "regression"

@@ -191,3 +191,44 @@ def test_a_period_the_series_cannot_hold_three_times_is_ignored_not_a_crash():
     assert [c.index for c in detect_change_points(values, period=168)] == [80]
     with pytest.raises(ValueError, match="period"):
         detect_change_points(values, period=1)
+
+
+def test_a_drift_confirmed_as_one_step_is_reported_as_one_ramp():
+    # 3σ over 50 points, as in the benchmark's suite: usually confirmed as one change
+    rng = np.random.default_rng(14)
+    ramps = total = 0
+    for _ in range(10):
+        start = int(rng.integers(20, 230))
+        values = noise("gaussian", 300, rng)
+        values[start:start + 50] += np.linspace(0, 3, 50)
+        values[start + 50:] += 3
+        within = [c for c in detect_change_points(values) if start - 5 <= c.index <= start + 50]
+        total += bool(within)
+        ramps += [c.shape for c in within] == ["ramp"]
+    assert total >= 9 and ramps >= 7
+
+
+@pytest.mark.parametrize("family", ["gaussian", "ar1"])
+def test_sharp_two_sigma_steps_stay_steps_where_they_are(family):
+    # a single change is offered a ramp, but a sharp step (even in autocorrelated noise,
+    # which looks smooth) is not moved to the start of one
+    rng = np.random.default_rng(13)
+    found = ramps = 0
+    for _ in range(20):
+        at = int(rng.integers(30, 270))
+        values = noise(family, 300, rng)
+        values[at:] += 2 * rng.choice([-1, 1])
+        changes = detect_change_points(values)
+        found += any(abs(c.index - at) <= 5 for c in changes)
+        ramps += sum(c.shape == "ramp" for c in changes)
+    assert ramps == 0 and found >= (20 if family == "gaussian" else 17)
+
+
+def test_a_step_that_hides_four_cycles_is_found_once_the_cycle_is_looked_for_around_it():
+    # 100 hourly points: the step keeps the cycle from the lag differences, and with the
+    # cycle left in, the step does not stand out
+    values = noise("seasonal", 100, np.random.default_rng(134))
+    values[50:] += 2
+    assert find_period(values) is None
+    (change,) = detect_change_points(values)
+    assert abs(change.index - 50) <= 5 and change.kind == "regression"

@@ -6,7 +6,7 @@ from perf_pipeline.config import Paths, paths_from_env
 from perf_pipeline.defs import actions, alerts, analysis, ingest, models, normalize
 from perf_pipeline.defs.actions import ActionsResource
 from perf_pipeline.defs import automation
-from perf_pipeline.defs.resources import model_store_resource, warehouse_resource
+from perf_pipeline.defs.resources import model_store_resource, monitoring_resource, warehouse_resource
 
 
 def build_defs(paths: Paths | None = None) -> dg.Definitions:
@@ -22,7 +22,7 @@ def build_defs(paths: Paths | None = None) -> dg.Definitions:
         sensors=[automation.landing_sensor, automation.refresh_after_ingest,
                  alerts.regression_alert_sensor, alerts.run_failure_alert_sensor],
         resources={"warehouse": warehouse_resource(paths), "model_store": model_store_resource(paths),
-                   "actions": ActionsResource(), "monitoring": alerts.monitoring_resource(paths.home),
+                   "actions": ActionsResource(), "monitoring": monitoring_resource(paths.home),
                    "notifier": alerts.NotifierResource()},
     )
 

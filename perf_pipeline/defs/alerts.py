@@ -5,33 +5,16 @@ from pathlib import Path
 
 import dagster as dg
 from dagster_slack import SlackResource
-from pydantic import Field
 
 from perf_pipeline.alerts import OPEN, deliver_outbox, reconcile
-from perf_pipeline.config import MONITORING_FILE, ConfigError, MonitoringSettings, load_monitoring
+from perf_pipeline.config import ConfigError, load_monitoring
 from perf_pipeline.defs.analysis import utc_now
-from perf_pipeline.defs.resources import WarehouseResource
+from perf_pipeline.defs.resources import MonitoringResource, WarehouseResource
 from perf_pipeline.notify import DeliveryError
 from perf_pipeline.notify.email import EmailChannel
 from perf_pipeline.notify.slack import SlackBotChannel, SlackWebhookChannel
 from perf_pipeline.report.markdown import alert_table
 from perf_pipeline.storage.warehouse import WarehouseLockedError, open_warehouse
-
-
-class MonitoringResource(dg.ConfigurableResource):
-    """perf_pipeline.yaml, read afresh on every use so that an edit applies on the next run."""
-
-    path: str = Field(description="The monitoring settings file (perf_pipeline.yaml).")
-
-    def settings(self) -> MonitoringSettings:
-        try:
-            return load_monitoring(self.path)
-        except ConfigError as error:
-            raise dg.Failure(str(error)) from None
-
-
-def monitoring_resource(home: Path) -> MonitoringResource:
-    return MonitoringResource(path=str(home / MONITORING_FILE))
 
 
 @dg.asset(

@@ -14,7 +14,7 @@ from perf_pipeline.analysis.regressions import build_series, group_incidents, se
 from perf_pipeline.analysis.seasonality import seasonal_profiles as decompose_profiles
 from perf_pipeline.analysis.trends import compute_trend_stats
 from perf_pipeline.config import TrendSettings
-from perf_pipeline.defs.resources import WarehouseResource
+from perf_pipeline.defs.resources import MonitoringResource, WarehouseResource
 from perf_pipeline.report.markdown import (
     anomaly_table,
     cause_table,
@@ -69,6 +69,13 @@ def analysis_window(context: dg.AssetExecutionContext, config: WindowConfig,
     return window_end - timedelta(days=config.window_days), window_end
 
 
+def _disabled(context: dg.AssetExecutionContext, setting: str) -> dg.MaterializeResult:
+    """An analysis switched off in perf_pipeline.yaml keeps its last table and says so."""
+    context.log.info(f"{setting} is off in perf_pipeline.yaml: {context.asset_key.to_user_string()} "
+                     "keeps its last result")
+    return dg.MaterializeResult(metadata={"disabled_by": dg.MetadataValue.text(setting)})
+
+
 def _window_series(context: dg.AssetExecutionContext, config: WindowConfig,
                    wh: Warehouse) -> tuple[datetime, datetime, pd.DataFrame]:
     """The window and every series in it, as `regressions.build_series` arranges them."""
@@ -85,7 +92,9 @@ def _window_series(context: dg.AssetExecutionContext, config: WindowConfig,
                 "OLS, Theil–Sen, Mann–Kendall, change rate, direction-aware verdict.",
 )
 def trend_stats(context: dg.AssetExecutionContext, config: TrendConfig,
-                warehouse: WarehouseResource) -> dg.MaterializeResult:
+                warehouse: WarehouseResource, monitoring: MonitoringResource) -> dg.MaterializeResult:
+    if not monitoring.settings().enable_trend_analysis:
+        return _disabled(context, "enable_trend_analysis")
     if not 0 < config.alpha < 1:
         raise dg.Failure("trend_stats config: alpha must be in (0, 1)")
     with warehouse.open() as wh:
@@ -171,7 +180,9 @@ def seasonal_profiles(context: dg.AssetExecutionContext, config: WindowConfig,
                 "fleet (isolation forest; table node_health).",
 )
 def anomalies(context: dg.AssetExecutionContext, config: AnomalyConfig,
-              warehouse: WarehouseResource) -> dg.MaterializeResult:
+              warehouse: WarehouseResource, monitoring: MonitoringResource) -> dg.MaterializeResult:
+    if not monitoring.settings().enable_anomaly_detection:
+        return _disabled(context, "enable_anomaly_detection")
     if config.threshold <= 0 or config.window_points < 5 or config.max_burst < 1:
         raise dg.Failure("anomalies config: threshold must be > 0, window_points >= 5, max_burst >= 1")
     computed_at = utc_now()

@@ -16,10 +16,9 @@ from pathlib import Path
 
 import dagster as dg
 
-from perf_pipeline.defs.alerts import MonitoringResource
 from perf_pipeline.defs.analysis import utc_now
 from perf_pipeline.defs.partitions import daily_partitions
-from perf_pipeline.defs.resources import WarehouseResource
+from perf_pipeline.defs.resources import MonitoringResource, WarehouseResource
 from perf_pipeline.defs.runner import RANGE_END_TAG, RANGE_START_TAG, changed_landing, contiguous_ranges
 from perf_pipeline.ingest.landing import checksum, remove_days_before
 from perf_pipeline.storage.warehouse import WarehouseLockedError

@@ -1,4 +1,5 @@
-"""The resources assets share: the one DuckDB writer, the landing archive, the model store."""
+"""The resources assets share: the one DuckDB writer, the landing archive, the model store,
+the monitoring settings."""
 
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -8,7 +9,7 @@ import dagster as dg
 from dagster_duckdb import DuckDBResource
 from pydantic import Field
 
-from perf_pipeline.config import Paths, paths_from_env
+from perf_pipeline.config import MONITORING_FILE, ConfigError, MonitoringSettings, Paths, load_monitoring, paths_from_env
 from perf_pipeline.storage.warehouse import Warehouse
 
 
@@ -53,3 +54,19 @@ class ModelStoreResource(dg.ConfigurableResource):
 
 def model_store_resource(paths: Paths | None = None) -> ModelStoreResource:
     return ModelStoreResource(directory=str((paths or paths_from_env()).models))
+
+
+class MonitoringResource(dg.ConfigurableResource):
+    """perf_pipeline.yaml, read afresh on every use so that an edit applies on the next run."""
+
+    path: str = Field(description="The monitoring settings file (perf_pipeline.yaml).")
+
+    def settings(self) -> MonitoringSettings:
+        try:
+            return load_monitoring(self.path)
+        except ConfigError as error:
+            raise dg.Failure(str(error)) from None
+
+
+def monitoring_resource(home: Path) -> MonitoringResource:
+    return MonitoringResource(path=str(home / MONITORING_FILE))

@@ -8,6 +8,7 @@ import pytest
 
 from perf_pipeline.defs.actions import ActionsResource, optimization_actions, optimization_recommendations
 from perf_pipeline.defs.analysis import anomalies, change_points, metric_correlations, regression_causes, trend_stats
+from perf_pipeline.config import configure_performance_monitoring
 from perf_pipeline.defs.ingest import raw_metrics
 from perf_pipeline.defs.normalize import normalized_timeseries
 from perf_pipeline.defs.models import (
@@ -16,7 +17,7 @@ from perf_pipeline.defs.models import (
     performance_forecasts,
     performance_models,
 )
-from perf_pipeline.defs.resources import model_store_resource, warehouse_resource
+from perf_pipeline.defs.resources import model_store_resource, monitoring_resource, warehouse_resource
 from perf_pipeline.defs.runner import RANGE_END_TAG, RANGE_START_TAG
 from perf_pipeline.ingest.landing import ingest_files
 from perf_pipeline.storage.warehouse import open_warehouse
@@ -75,7 +76,8 @@ def instance(tmp_path):
 def _materialize(assets, paths, instance, **kwargs) -> dg.ExecuteInProcessResult:
     return dg.materialize(assets, resources={"warehouse": warehouse_resource(paths),
                                              "model_store": model_store_resource(paths),
-                                             "actions": ActionsResource()},
+                                             "actions": ActionsResource(),
+                                             "monitoring": monitoring_resource(paths.home)},
                           instance=instance, **kwargs)
 
 
@@ -133,6 +135,12 @@ def test_a_range_run_then_normalization_and_trends_find_the_known_trend(landed, 
     assert len(cpu) >= 3
     metadata = trends.asset_materializations_for_node("trend_stats")[0].metadata
     assert "tests/t.py::slow" in metadata["top_degrading"].value
+    configure_performance_monitoring(landed.home / "perf_pipeline.yaml", enable_trend_analysis=False)
+    off = _materialize([trend_stats], landed, instance)
+    assert off.asset_materializations_for_node("trend_stats")[0].metadata["disabled_by"].value == "enable_trend_analysis"
+    with open_warehouse(landed.database) as wh:
+        assert wh.table_counts(["trend_stats"])["trend_stats"] > 0  # the last result is kept
+    configure_performance_monitoring(landed.home / "perf_pipeline.yaml", enable_trend_analysis=True)
 
     changes = _materialize([change_points], landed, instance)
     assert changes.success

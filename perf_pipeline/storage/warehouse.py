@@ -185,6 +185,16 @@ _FILTER_IN_SQL = {c: f"n.{c} IN (SELECT unnest(CAST(? AS VARCHAR[])))" for c in 
 _FILTER_LIKE_SQL = {c: f"n.{c} LIKE ? ESCAPE '\\'" for c in FILTER_COLUMNS}
 
 
+_WINDOW_POINTS_SQL = """
+    SELECT n.timestamp, n.metric_name, n.test_name, n.test_type, n.node_id, n.node_type,
+           n.value, n.test_run_id, n.ci_job_id, n.commit_sha, c.scope AS metric_scope,
+           c.direction
+    FROM normalized_timeseries n JOIN metric_catalog c USING (metric_name)
+    WHERE n.timestamp > ? AND n.timestamp <= ? /* filters */
+    ORDER BY n.timestamp
+"""
+
+
 def filter_clauses(filters: Mapping[str, str | Sequence[str]]) -> tuple[list[str], list]:
     """WHERE clauses and parameters for `filters`: column -> value, list of values, or a
     pattern with `*` wildcards. ValueError names an unknown column or an empty value."""
@@ -468,14 +478,9 @@ class Warehouse:
         if metric_name is not None:
             clauses.append("n.metric_name = ?")
             parameters.append(metric_name)
-        return self.con.execute(f"""
-            SELECT n.timestamp, n.metric_name, n.test_name, n.test_type, n.node_id, n.node_type,
-                   n.value, n.test_run_id, n.ci_job_id, n.commit_sha, c.scope AS metric_scope,
-                   c.direction
-            FROM normalized_timeseries n JOIN metric_catalog c USING (metric_name)
-            WHERE n.timestamp > ? AND n.timestamp <= ? {"".join(" AND " + c for c in clauses)}
-            ORDER BY n.timestamp
-        """, [window_start, window_end, *parameters]).df()
+        # the clauses are the fixed fragments of _FILTER_IN_SQL / _FILTER_LIKE_SQL; values are parameters
+        sql = _WINDOW_POINTS_SQL.replace("/* filters */", "".join(" AND " + c for c in clauses))
+        return self.con.execute(sql, [window_start, window_end, *parameters]).df()
 
     def run_contexts(self, window_start: datetime, window_end: datetime) -> pd.DataFrame:
         """The context_data each run reported on each node in the window: one row per

@@ -1,5 +1,8 @@
 import json
+import os
+import signal
 import socket
+import subprocess
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -107,3 +110,14 @@ def smtp_server():
     controller.start()
     yield mailbox, controller.port
     controller.stop()
+
+
+def stop_process_group(process: subprocess.Popen) -> None:
+    """Stop a process started with start_new_session=True and everything it spawned
+    (`dagster dev` runs a webserver, a daemon and code servers)."""
+    os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()

@@ -2,8 +2,6 @@
 
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -12,17 +10,12 @@ from pathlib import Path
 
 import pytest
 
+from perf_pipeline_tests.conftest import free_port, stop_process_group
 from perf_pipeline_tests.test_definitions import GROUP_OF
 
 ROOT = Path(__file__).resolve().parents[1]
 QUERY = ("{ assetNodes { assetKey { path } groupName } workspaceOrError { ... on Workspace "
          "{ locationEntries { name locationOrLoadError { __typename } } } } }")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _graphql(port: int) -> dict:
@@ -35,7 +28,7 @@ def _graphql(port: int) -> dict:
 
 @pytest.mark.slow
 def test_dagster_dev_loads_the_code_location_with_assets_in_groups(tmp_path):
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "PERF_PIPELINE_HOME": str(tmp_path / "home")}
     env.pop("DAGSTER_HOME", None)
     process = subprocess.Popen(
@@ -62,9 +55,4 @@ def test_dagster_dev_loads_the_code_location_with_assets_in_groups(tmp_path):
         assert groups == {("raw_metrics",): "ingest", ("normalized_timeseries",): "normalize",
                           **{(name,): group for name, group in GROUP_OF.items()}}
     finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+        stop_process_group(process)

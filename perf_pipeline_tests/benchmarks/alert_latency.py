@@ -15,7 +15,6 @@ import argparse
 import json
 import os
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -30,6 +29,7 @@ from perf_pipeline.config import paths_from_env
 from perf_pipeline.defs.runner import run_pipeline
 from perf_pipeline.ingest.landing import ingest_files
 from perf_pipeline.ingest.simulator import simulate_fleet
+from perf_pipeline_tests.conftest import free_port, stop_process_group
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -75,7 +75,7 @@ def sample(seed: int, nodes: int, tests: int, timeout: float) -> dict:
         paths = paths_from_env().ensure()
         ingest_files(before, paths.landing, today=end.date())
         run_pipeline(paths, progress=lambda _: None)
-        port = _free_port()
+        port = free_port()
         process = subprocess.Popen(
             [str(Path(sys.executable).parent / "dagster"), "dev", "-p", str(port), "-h", "127.0.0.1"],
             cwd=ROOT, env={**env, "DAGSTER_HOME": str(paths.dagster_home)}, stdout=subprocess.DEVNULL,
@@ -91,21 +91,9 @@ def sample(seed: int, nodes: int, tests: int, timeout: float) -> dict:
                 "days_landed": len(after), "timed_out": seconds is None}
     finally:
         if process is not None:
-            os.killpg(process.pid, signal.SIGTERM)
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
+            stop_process_group(process)
         server.shutdown()
         shutil.rmtree(work, ignore_errors=True)
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,6 +13,7 @@ from pathlib import Path
 from perf_pipeline.config import paths_from_env
 from perf_pipeline.ingest.formats import is_supported
 from perf_pipeline.report.markdown import (
+    alert_table,
     anomaly_table,
     cause_table,
     configuration_table,
@@ -141,6 +142,8 @@ def _summary() -> None:
              wh.node_ranking("overall").tail(5), ranking_table, "No node scores."),
             ("What to do (top recommendations):",
              wh.top_recommendations(limit=8), recommendation_table, "Nothing to recommend."),
+            ("Alerts raised (what Slack and email receive once channels are configured):",
+             wh.alerts(status="new", limit=10), alert_table, "No alert."),
         ]
     print()
     print(f"rows stored: {counts['performance_metrics']:,}   quarantined: "
@@ -151,7 +154,7 @@ def _summary() -> None:
         print(f"{title}\n{table(rows)}" if len(rows) else empty)
     print()
     print(f"database: {paths.database}")
-    print("explore:  dagster dev   (then open http://127.0.0.1:3000, asset groups ingest → normalize → analysis → models → actions)")
+    print("explore:  dagster dev   (then open http://127.0.0.1:3000, asset groups ingest → normalize → analysis → models → actions → alerts)")
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -200,7 +203,6 @@ _STATUS_OF_ACTION = {"ack": "acknowledged", "resolve": "resolved", "invalid": "i
 
 def cmd_alerts(args: argparse.Namespace) -> int:
     from perf_pipeline.config import MONITORING_FILE, configure_performance_monitoring, load_monitoring
-    from perf_pipeline.report.markdown import alert_table
     from perf_pipeline.storage.warehouse import open_warehouse
 
     paths = paths_from_env()

@@ -299,6 +299,30 @@ def test_email_over_starttls_with_login(tls_smtp_server, caplog):
     assert SMTP_PASSWORD not in repr(channel) and SMTP_PASSWORD not in caplog.text
 
 
+def test_email_over_implicit_tls_with_login(certificate, caplog):
+    caplog.set_level(logging.DEBUG)
+    cert, key = certificate
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_context.load_cert_chain(cert, key)
+    mailbox = Mailbox()
+    # aiosmtpd counts only STARTTLS as TLS for auth_require_tls; this connection is TLS from
+    # its first byte, so AUTH is offered without that check.
+    controller = Controller(mailbox, hostname="127.0.0.1", port=free_port(), ssl_context=server_context,
+                            authenticator=authenticate, auth_require_tls=False)
+    controller.start()
+    try:
+        channel = EmailChannel("127.0.0.1", controller.port, security="ssl", user=SMTP_USER,
+                               password=SMTP_PASSWORD, sender="perf@example.com",
+                               recipients=["dev@example.com"], timeout=5,
+                               ssl_context=ssl.create_default_context(cafile=str(cert)))
+        channel.deliver_run_failure(FAILURE)
+    finally:
+        controller.stop()
+    (envelope,) = mailbox.envelopes
+    assert "daily_analysis_job" in parsed(envelope)["Subject"]
+    assert SMTP_PASSWORD not in caplog.text
+
+
 def test_email_wrong_password_is_permanent_and_hidden(tls_smtp_server, caplog):
     caplog.set_level(logging.DEBUG)
     mailbox, port, client_context = tls_smtp_server

@@ -694,7 +694,8 @@ class Warehouse:
         )
         with self.transaction():
             for table, sql, cutoff in statements:
-                deleted[table] = int(self.con.execute(sql + " RETURNING 1", [cutoff]).df().shape[0])
+                (count,), = self.con.execute(sql, [cutoff]).fetchall()  # DuckDB answers a DELETE with its row count
+                deleted[table] = int(count)
         self.con.execute("CHECKPOINT")
         return deleted
 

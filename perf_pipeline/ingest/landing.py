@@ -9,7 +9,6 @@ content's checksum, so ingesting the same data twice writes nothing new.
 from __future__ import annotations
 
 import hashlib
-import os
 import re
 import shutil
 from collections import Counter
@@ -19,6 +18,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from perf_pipeline.collect.files import write_atomic
 from perf_pipeline.ingest.formats import is_supported, stage_bytes
 from perf_pipeline.storage.warehouse import STAGING_COLUMNS, LandingFile, Warehouse, connect
 
@@ -37,22 +37,6 @@ class IngestReport:
 
 def checksum(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write `data` to `path` so that the path holds either nothing or all of it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(temporary, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
-    directory = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
 
 
 def day_folder(landing: Path, day: date) -> Path:

@@ -12,6 +12,7 @@ import hashlib
 import re
 import shutil
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import date, datetime, timezone
 from pathlib import Path
@@ -49,7 +50,7 @@ def day_files(landing: Path, day: date) -> list[Path]:
     if not folder.is_dir():
         return []
     return sorted(p for p in folder.iterdir()
-                  if p.is_file() and not p.name.startswith(".") and is_supported(p))
+                  if p.is_file() and not p.name.startswith((".", "_")) and is_supported(p))
 
 
 def landed_days(landing: Path) -> list[date]:
@@ -94,8 +95,11 @@ def read_landing_day(landing: Path, day: date) -> tuple[pd.DataFrame, list[Landi
     return staged, files
 
 
-def ingest_files(paths: list[Path], landing: Path, *, today: date | None = None) -> IngestReport:
-    """Copy metric files into the landing archive, each record under its own UTC day.
+def ingest_files(paths: list[Path], landing: Path, *, today: date | None = None,
+                 defaults: Mapping | None = None) -> IngestReport:
+    """Copy metric files (any format in formats.PARSERS) into the landing archive as JSON
+    Lines, each record under its own UTC day; `defaults` fill the fields records lack
+    (formats.DEFAULT_FIELDS: node, run, commit …).
 
     Records whose timestamp cannot be read are filed under `today` (the ingest day), so they
     reach quarantine with a reason when that day loads instead of disappearing here.
@@ -106,7 +110,8 @@ def ingest_files(paths: list[Path], landing: Path, *, today: date | None = None)
         warehouse = Warehouse(con)
         for path in paths:
             data = Path(path).read_bytes()
-            staged = stage_bytes(data, suffix=Path(path).suffix, source_file=str(path))
+            staged = stage_bytes(data, suffix=Path(path).suffix, source_file=str(path),
+                                 defaults=defaults)
             report.files_read += 1
             report.records_read += len(staged)
             report.unreadable_records += int(staged["pre_reason"].notna().sum())

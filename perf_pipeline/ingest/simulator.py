@@ -7,9 +7,9 @@ and disk I/O move together, and test durations follow their node's load. On top 
 the simulator injects, from the seed's random stream: step regressions and an improvement
 at chosen runs (code changes), a node whose tests all become slower at a chosen time (a
 node problem, when its runner image is upgraded), a slowly degrading node, a noisy node, a node with a slower baseline, and
-single-point spikes. `truth.json` records all of it.
+single-point spikes. `_truth.json` records all of it.
 
-`affected_series` in truth.json lists the series whose level changes over time (steps,
+`affected_series` in _truth.json lists the series whose level changes over time (steps,
 node step, trend) and every series of the noisy node; any other series is stationary
 noise, which analysis must leave quiet. The slow node's series are stationary (slower from
 the start) and spikes are single points: both are in `injections`, not in
@@ -356,7 +356,7 @@ def simulate_fleet(out_dir: str | Path, *, days: int = 30, nodes: int = 20, test
         "affected_series": [{"metric_name": m, "test_name": t, "node_id": n}
                             for m, t, n in sorted(affected, key=lambda k: (k[0], k[1] or "", k[2] or ""))],
     }
-    truth_path = out_dir / "truth.json"
+    truth_path = out_dir / "_truth.json"  # "_": folder scans of metric files skip it
     out_dir.mkdir(parents=True, exist_ok=True)
     truth_path.write_text(json.dumps(truth, indent=1))
     return SimulationSummary(out_dir=out_dir, rows=len(rows), files=files, days=days,

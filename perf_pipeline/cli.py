@@ -11,7 +11,7 @@ from datetime import date, datetime, timezone
 from pathlib import Path
 
 from perf_pipeline.config import paths_from_env
-from perf_pipeline.ingest.formats import is_supported
+from perf_pipeline.ingest.formats import PARSERS, is_supported
 from perf_pipeline.report.markdown import (
     alert_table,
     anomaly_table,
@@ -36,9 +36,13 @@ def _input_files(arguments: list[str]) -> list[Path]:
     for argument in arguments:
         path = Path(argument)
         if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.is_file() and is_supported(p))
+            # Names starting with "." or "_" are not data (temporary files, the simulator's
+            # _truth.json), as in the landing archive.
+            found = sorted(p for p in path.rglob("*") if p.is_file() and is_supported(p)
+                           and not p.name.startswith((".", "_")))
             if not found:
-                raise UsageError(f"{path}: no metric files (.jsonl, .ndjson, .csv) in this folder")
+                raise UsageError(f"{path}: no metric files ({', '.join(sorted(PARSERS))}) "
+                                 "in this folder")
             files.extend(found)
         elif path.is_file():
             files.append(path)
@@ -69,10 +73,10 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _ingest(files: list[Path], landing: Path) -> None:
+def _ingest(files: list[Path], landing: Path, defaults: dict | None = None) -> None:
     from perf_pipeline.ingest.landing import ingest_files
 
-    report = ingest_files(files, landing)
+    report = ingest_files(files, landing, defaults=defaults)
     days = sorted(report.records_by_day)
     span = f"{days[0]} … {days[-1]}" if days else "no days"
     print(f"ingested {report.records_read} records from {report.files_read} files into "
@@ -83,9 +87,37 @@ def _ingest(files: list[Path], landing: Path) -> None:
               "they will be quarantined with a reason when it loads")
 
 
+def _ingest_defaults(args: argparse.Namespace) -> dict | None:
+    """Row fields the ingest options give (explicit options over --from-ci-env's)."""
+    defaults: dict = {}
+    context: dict = {}
+    if args.from_ci_env:
+        from perf_pipeline.collect.run_metadata import detect
+
+        detected = detect()
+        defaults.update(detected.fields())
+        context.update(detected.context())
+    if args.timestamp is not None:
+        try:
+            moment = datetime.fromisoformat(args.timestamp)
+        except ValueError:
+            raise UsageError(f"--timestamp must be an ISO time like 2026-11-28T10:00:00Z, "
+                             f"got {args.timestamp!r}") from None
+        defaults["timestamp"] = (moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)).isoformat()
+    defaults.update({name: getattr(args, name) for name in
+                     ("node_id", "node_type", "test_type", "test_run_id", "ci_job_id")
+                     if getattr(args, name)})
+    context.update({name: getattr(args, name) for name in ("commit", "branch") if getattr(args, name)})
+    if context:
+        defaults["context_data"] = context
+    return defaults or None
+
+
 def cmd_ingest(args: argparse.Namespace) -> int:
+    defaults = _ingest_defaults(args)
+    files = _input_files(args.files)
     paths = paths_from_env().ensure()
-    _ingest(_input_files(args.files), paths.landing)
+    _ingest(files, paths.landing, defaults)
     return 0
 
 
@@ -235,6 +267,64 @@ def cmd_alerts(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_gate(args: argparse.Namespace) -> int:
+    """Exit 1 on a significant regression, 0 otherwise, 2 when the gate cannot judge."""
+    from perf_pipeline.analysis.gate import GateSettings
+    from perf_pipeline.config import load_monitoring
+    from perf_pipeline.defs.runner import PipelineRunError, run_pipeline
+    from perf_pipeline.gate import GateOptions, judge, publish
+    from perf_pipeline.storage.warehouse import WarehouseLockedError, open_warehouse
+
+    if (args.run_id is None) == (args.ci_job_id is None):
+        raise UsageError("give exactly one of --run-id or --ci-job-id")
+    for name in ("baseline_days", "baseline_runs"):
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
+    if args.threshold_percent is not None and args.threshold_percent <= 0:
+        raise UsageError("--threshold-percent must be positive")
+    if not 0 < args.alpha < 0.5:
+        raise UsageError("--alpha must be between 0 and 0.5")
+    paths = paths_from_env().ensure()
+    monitoring = load_monitoring(paths.home / "perf_pipeline.yaml")
+    options = GateOptions(run_id=args.run_id, ci_job_id=args.ci_job_id,
+                          baseline_days=args.baseline_days, baseline_runs=args.baseline_runs,
+                          node_type=args.node_type, metrics=tuple(args.metric or ()),
+                          threshold_percent=args.threshold_percent,
+                          settings=GateSettings(alpha=args.alpha,
+                                                min_baseline_runs=args.min_baseline_runs))
+    try:
+        if args.ingest:
+            _ingest(_input_files(args.ingest), paths.landing)
+            run_pipeline(paths, analyse=False, progress=lambda line: print(line, file=sys.stderr))
+        with open_warehouse(paths.database, read_only=True) as warehouse:
+            outcome = judge(warehouse, options, monitoring.threshold_percent)
+    except (PipelineRunError, WarehouseLockedError) as error:
+        print(f"perf-pipeline: error: {error}", file=sys.stderr)
+        return 2  # 1 means "regressed": a gate that cannot read its data must not say so
+    publish(outcome, junit_path=Path(args.junit_xml) if args.junit_xml else None)
+    return outcome.exit_code
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from perf_pipeline.server.app import serve, settings_from_env
+
+    paths = paths_from_env().ensure()
+    settings = settings_from_env(paths.landing, host=args.host, port=args.port,
+                                 no_auth=args.no_auth,
+                                 max_body_bytes=int(args.max_body_mb * 1024 * 1024))
+    print(f"metrics gateway on http://{settings.host}:{settings.port}/api/v1/metrics "
+          f"(landing: {paths.landing}; auth: {'off' if settings.token is None else 'bearer token'})",
+          flush=True)
+    serve(settings)
+    return 0
+
+
+def cmd_agent(args: argparse.Namespace) -> int:
+    from perf_pipeline.collect.agent import run_from_args
+
+    return run_from_args(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="perf-pipeline",
@@ -249,12 +339,32 @@ def build_parser() -> argparse.ArgumentParser:
 
     simulate = commands.add_parser("simulate", help="write a simulated fleet in landing format")
     _fleet_arguments(simulate, seed=0)
-    simulate.add_argument("--out", required=True, help="output folder (<day>/*.jsonl, truth.json)")
+    simulate.add_argument("--out", required=True, help="output folder (<day>/*.jsonl, _truth.json)")
     simulate.add_argument("--end", help="last day simulated, YYYY-MM-DD (default: now)")
     simulate.set_defaults(handler=cmd_simulate)
 
-    ingest = commands.add_parser("ingest", help="copy metric files (JSON Lines, CSV) into landing/")
+    ingest = commands.add_parser(
+        "ingest", help="copy metric files (JSON Lines, CSV, JSON, pytest-benchmark JSON, "
+                       "JUnit XML) into landing/",
+        description="Copy metric files into landing/<day>/, each record under its own UTC day. "
+                    f"Formats by suffix: {', '.join(sorted(PARSERS))} (.json: metric rows or "
+                    "pytest-benchmark output; .xml: JUnit reports). The options fill fields a "
+                    "record lacks; a file's own values (a JUnit suite's hostname and timestamp) "
+                    "win.")
     ingest.add_argument("files", nargs="+", help="files or folders of metric files")
+    ingest.add_argument("--node-id", help="node the metrics came from")
+    ingest.add_argument("--node-type", help="kind of node, e.g. linux-large")
+    ingest.add_argument("--test-type", help="e.g. unit, integration, e2e")
+    ingest.add_argument("--test-run-id", help="the test run (default for JUnit and "
+                                              "pytest-benchmark: derived from host and time)")
+    ingest.add_argument("--ci-job-id", help="the CI job")
+    ingest.add_argument("--commit", help="commit under test (into context_data)")
+    ingest.add_argument("--branch", help="branch under test (into context_data)")
+    ingest.add_argument("--timestamp", help="ISO time for records without one (no offset: UTC)")
+    ingest.add_argument("--from-ci-env", action="store_true",
+                        help="fill run, CI job, commit, branch and node from the CI's environment "
+                             "(GitHub Actions, Jenkins, GitLab, PERF_* overrides); explicit "
+                             "options win")
     ingest.set_defaults(handler=cmd_ingest)
 
     run = commands.add_parser("run", help="materialize new or changed days and all analysis")
@@ -271,6 +381,51 @@ def build_parser() -> argparse.ArgumentParser:
                         help="nodes at or above this risk (0–100) come last (default 50)")
     select.add_argument("--json", action="store_true", help="print JSON records")
     select.set_defaults(handler=cmd_select_nodes)
+
+    gate = commands.add_parser(
+        "gate", help="CI gate: exit 1 if this run significantly regressed against the same "
+                     "tests' recent history, 0 if not, 2 if it cannot tell")
+    which = gate.add_mutually_exclusive_group()
+    which.add_argument("--run-id", help="the test_run_id to judge")
+    which.add_argument("--ci-job-id", help="judge every run of this CI job together")
+    gate.add_argument("--ingest", action="append", metavar="PATH",
+                      help="ingest these metric files or folders and load their days first "
+                           "(repeatable)")
+    gate.add_argument("--baseline-days", type=int, default=14,
+                      help="baseline: runs from this many days before the run (default 14)")
+    gate.add_argument("--baseline-runs", type=int, default=50,
+                      help="baseline: at most this many most recent runs per test (default 50)")
+    gate.add_argument("--min-baseline-runs", type=int, default=5,
+                      help="tests with fewer baseline runs get no verdict (default 5)")
+    gate.add_argument("--node-type", help="compare only measurements on this node type")
+    gate.add_argument("--metric", action="append", metavar="NAME",
+                      help="judge only this metric (repeatable; default: every metric of the run)")
+    gate.add_argument("--threshold-percent", type=float, default=None,
+                      help="regressions of this size fail the build when the noise allows; "
+                           "changes under half of it never do (default: each metric's "
+                           "threshold from perf_pipeline.yaml)")
+    gate.add_argument("--alpha", type=float, default=0.001,
+                      help="chance that a run without any change fails (default 0.001)")
+    gate.add_argument("--junit-xml", metavar="PATH", help="also write the verdicts as JUnit XML")
+    gate.set_defaults(handler=cmd_gate)
+
+    server = commands.add_parser(
+        "serve", help="the metrics gateway: POST /api/v1/metrics writes rows to landing/")
+    server.add_argument("--host", default="127.0.0.1",
+                        help="address to bind (default 127.0.0.1; anything else needs a token)")
+    server.add_argument("--port", type=int, default=8080)
+    server.add_argument("--no-auth", action="store_true",
+                        help="accept requests without a token (loopback addresses only)")
+    server.add_argument("--max-body-mb", type=float, default=16.0,
+                        help="largest request body accepted, in MiB (default 16)")
+    server.set_defaults(handler=cmd_serve)
+
+    from perf_pipeline.collect.agent import add_arguments as add_agent_arguments
+
+    agent = commands.add_parser("agent", help="sample this node every interval and push to the "
+                                              "gateway, through a local spool")
+    add_agent_arguments(agent)
+    agent.set_defaults(handler=cmd_agent)
 
     alerts = commands.add_parser("alerts", help="list regression alerts, change their status, mute")
     actions = alerts.add_subparsers(dest="action", required=True)
@@ -298,6 +453,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # Dagster marks backfill policies as beta; users of the CLI cannot act on that warning.
     warnings.filterwarnings("ignore", message=".*currently in beta")
+    if args.command == "agent":  # a long-lived process on test nodes: keep Dagster out of it
+        try:
+            return args.handler(args)
+        except (ValueError, OSError) as error:
+            print(f"perf-pipeline: error: {error}", file=sys.stderr)
+            return 2
     from perf_pipeline.defs.runner import PipelineRunError
     from perf_pipeline.storage.warehouse import WarehouseLockedError
 

@@ -107,9 +107,10 @@ def _execute(job: dg.JobDefinition, instance: dg.DagsterInstance, *, run_config:
 
 
 def run_pipeline(paths: Paths, *, days: list[date] | None = None,
-                 trend_config: dict | None = None,
+                 trend_config: dict | None = None, analyse: bool = True,
                  progress: Callable[[str], None] = print) -> RunReport:
-    """Materialize new or changed landing days (or `days`) and everything downstream."""
+    """Materialize new or changed landing days (or `days`) and, with `analyse`, everything
+    downstream (without it, only raw_metrics and normalized_timeseries: what the CI gate reads)."""
     from perf_pipeline.definitions import build_defs
 
     paths.ensure()
@@ -131,6 +132,8 @@ def run_pipeline(paths: Paths, *, days: list[date] | None = None,
             report.run_ids.append(_execute(
                 ingest_job, instance, run_config=_QUIET_LOGS,
                 tags={RANGE_START_TAG: first.isoformat(), RANGE_END_TAG: last.isoformat()}))
+        if not analyse:
+            return report
         progress("analysing the window: every asset of the analysis group")
         window = {"window_days": trend_config["window_days"]} if trend_config and "window_days" in trend_config else {}
         run_config = {**_QUIET_LOGS, "ops": {"trend_stats": {"config": trend_config or {}},

@@ -320,6 +320,21 @@ class Warehouse:
         finally:
             self.con.unregister("staging_input")
 
+    def check_records(self, staged: pd.DataFrame) -> list[tuple[int, str | None, date | None]]:
+        """Validate staged records by the rules loading applies, storing nothing: each record's
+        (source_line, reason or None, UTC day) in `staged`'s order. Used where rows must be
+        judged before they reach the landing archive (the HTTP gateway)."""
+        self.con.register("staging_input", staged[STAGING_COLUMNS])
+        try:
+            self.con.execute(_PARSE_SQL)
+            self.con.execute(_VALIDATE_SQL, {"day_start": datetime(1, 1, 1),
+                                             "day_end": datetime(9999, 12, 31)})
+            return [(int(line), reason, day) for line, reason, day in self.con.execute(
+                "SELECT source_line, reason, CASE WHEN isfinite(ts) THEN CAST(ts AS DATE) END "
+                "FROM validated ORDER BY source_file, source_line").fetchall()]
+        finally:
+            self.con.unregister("staging_input")
+
     def replace_raw_day(self, day: date, staged: pd.DataFrame,
                         files: Sequence[LandingFile]) -> LoadCounts:
         """Validate one day's staged records and replace that day's rows, quarantine and files."""
@@ -676,6 +691,64 @@ class Warehouse:
             FROM node_health_risk GROUP BY node_id
             HAVING max(node_risk_score) > 0 ORDER BY risk_score DESC LIMIT ?
         """, [limit]).df()
+
+    # ---------------------------------------------------------------- CI gate
+
+    def gate_measurements(self, *, run_id: str | None = None, ci_job_id: str | None = None,
+                          baseline_days: int, baseline_runs: int, node_type: str | None = None,
+                          metrics: Sequence[str] | None = None
+                          ) -> tuple[pd.DataFrame, pd.DataFrame]:
+        """(the run's measurements, its baseline) from normalized_timeseries.
+
+        The run is a test_run_id, or every run of a CI job. The baseline holds, for each
+        (metric, test) the run measured, the most recent `baseline_runs` other runs that
+        ended in the `baseline_days` before the run began, on `node_type` if given.
+        """
+        if (run_id is None) == (ci_job_id is None):
+            raise ValueError("give a run id or a CI job id")
+        column = "test_run_id" if run_id is not None else "ci_job_id"
+        self.con.execute(f"""
+            CREATE OR REPLACE TEMP TABLE gate_run AS
+            SELECT metric_name, test_name, node_id, test_run_id, timestamp, value
+            FROM normalized_timeseries
+            WHERE {column} = $run
+              AND ($node_type IS NULL OR node_type = $node_type)
+              AND ($metrics IS NULL OR list_contains($metrics, metric_name))
+        """, {"run": run_id if run_id is not None else ci_job_id, "node_type": node_type,
+              "metrics": list(metrics) if metrics else None})
+        run = self.con.execute("SELECT * FROM gate_run ORDER BY metric_name, test_name, timestamp").df()
+        if run.empty:
+            return run, run.copy()
+        baseline = self.con.execute("""
+            WITH keys AS (SELECT DISTINCT metric_name, test_name FROM gate_run),
+            bounds AS (SELECT min(timestamp) AS run_start FROM gate_run),
+            candidates AS (
+                SELECT n.metric_name, n.test_name, n.node_id, n.test_run_id, n.timestamp, n.value
+                FROM normalized_timeseries n
+                JOIN keys k ON k.metric_name = n.metric_name
+                    AND k.test_name IS NOT DISTINCT FROM n.test_name
+                CROSS JOIN bounds b
+                WHERE n.test_run_id IS NOT NULL
+                  AND n.test_run_id NOT IN (SELECT DISTINCT test_run_id FROM gate_run
+                                            WHERE test_run_id IS NOT NULL)
+                  AND n.timestamp < b.run_start
+                  AND n.timestamp >= b.run_start - to_days(CAST($days AS INTEGER))
+                  AND ($node_type IS NULL OR n.node_type = $node_type)
+            ),
+            ranked AS (
+                SELECT metric_name, test_name, test_run_id,
+                    row_number() OVER (PARTITION BY metric_name, test_name
+                                       ORDER BY max(timestamp) DESC, test_run_id) AS recency
+                FROM candidates GROUP BY metric_name, test_name, test_run_id
+            )
+            SELECT c.* FROM candidates c
+            JOIN ranked r ON r.metric_name = c.metric_name
+                AND r.test_name IS NOT DISTINCT FROM c.test_name
+                AND r.test_run_id = c.test_run_id
+            WHERE r.recency <= $runs
+            ORDER BY c.metric_name, c.test_name, c.timestamp
+        """, {"days": baseline_days, "runs": baseline_runs, "node_type": node_type}).df()
+        return run, baseline
 
     # ---------------------------------------------------------------- retention
 

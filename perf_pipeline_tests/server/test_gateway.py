@@ -1,0 +1,171 @@
+"""The metrics gateway, run as users run it (`perf-pipeline serve` in its own process) and
+spoken to over real HTTP on loopback; what it accepts is then loaded by the real pipeline."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from datetime import datetime, timedelta, timezone
+
+import pytest
+
+from perf_pipeline.cli import main
+from perf_pipeline.collect.push import PushError, push_bytes, push_rows
+from perf_pipeline.defs.runner import run_pipeline
+from perf_pipeline.storage.warehouse import open_warehouse
+from perf_pipeline_tests.conftest import free_port, metric_row, stop_process_group
+
+TOKEN = "gateway-test-token-0123456789"
+
+
+@pytest.fixture
+def gateway(paths):
+    port = free_port()
+    env = {**os.environ, "PERF_API_TOKEN": TOKEN}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "perf_pipeline.cli", "serve", "--port", str(port),
+         "--max-body-mb", "1"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            with urllib.request.urlopen(f"{url}/healthz", timeout=2) as response:
+                assert json.loads(response.read()) == {"status": "ok"}
+                break
+        except (urllib.error.URLError, ConnectionError):
+            if process.poll() is not None or time.monotonic() > deadline:
+                output = process.stdout.read().decode() if process.poll() is not None else ""
+                stop_process_group(process) if process.poll() is None else None
+                pytest.fail(f"gateway did not start: {output}")
+            time.sleep(0.2)
+    yield url
+    stop_process_group(process)
+    output = process.stdout.read().decode()
+    assert TOKEN not in output, "the token must never be logged"
+
+
+def _landing_files(paths):
+    return sorted(p.relative_to(paths.landing).as_posix() for p in paths.landing.rglob("*")
+                  if p.is_file())
+
+
+def _iso(moment: datetime) -> str:
+    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def test_gateway_lands_exactly_the_valid_rows_and_the_pipeline_loads_them(gateway, paths):
+    now = datetime.now(timezone.utc).replace(microsecond=0)
+    yesterday = now - timedelta(days=1)
+    valid = [metric_row(_iso(yesterday + timedelta(minutes=i)), value=1.0 + i / 10,
+                        test_name=f"tests/test_gw.py::test_{i}") for i in range(6)]
+    valid += [metric_row(_iso(now - timedelta(minutes=5)), "cpu_usage", 42.0, test_name=None)]
+
+    result = push_rows(gateway, valid, token=TOKEN)
+    assert (result.status, result.accepted, result.rejected) == (200, 7, [])
+    files_after_first = _landing_files(paths)
+    assert len(files_after_first) == 2  # yesterday's and today's rows, each in its day folder
+    assert all(name.split("/")[1].startswith("gateway-") for name in files_after_first)
+
+    # A client that never saw the answer sends the same batch again: it lands once.
+    again = push_rows(gateway, valid, token=TOKEN)
+    assert again.accepted == 7
+    assert _landing_files(paths) == files_after_first
+
+    # A mixed batch: the good row is stored, each bad row comes back with its line and reason.
+    mixed = [
+        json.dumps(metric_row(_iso(yesterday), value=9.5, test_name="tests/test_gw.py::test_mixed")),
+        json.dumps(metric_row(_iso(yesterday), "no_such_metric", 1.0)),
+        '{"timestamp": "' + _iso(yesterday) + '", "metric_name": "test_execution_time", '
+        '"metric_value": NaN, "node_id": "n", "test_name": "t"}',
+        json.dumps(metric_row(_iso(yesterday), node_id="")),
+        "this is not json",
+        json.dumps(metric_row(_iso(now + timedelta(days=3)))),
+    ]
+    response = push_bytes(gateway, ("\n".join(mixed) + "\n").encode(),
+                          content_type="application/x-ndjson", token=TOKEN)
+    assert response.status == 200 and response.accepted == 1
+    reasons = {item["line"]: item["reason"] for item in response.rejected}
+    assert reasons[2].startswith("unknown metric")
+    assert reasons[3] == "metric_value is not finite"
+    assert reasons[4] == "missing node_id"
+    assert reasons[5] == "line is not valid JSON"
+    assert "ahead of the gateway's clock" in reasons[6]
+    assert response.body["rejected_count"] == 5 and response.body["received"] == 6
+
+    # Every row rejected: 422, nothing written.
+    before = _landing_files(paths)
+    bad = push_bytes(gateway, b'{"metric_name": "cpu_usage"}\n', content_type="application/x-ndjson",
+                     token=TOKEN)
+    assert bad.status == 422 and bad.accepted == 0
+    assert bad.rejected[0]["reason"] == "missing metric_value"
+
+    # No token, a wrong token: 401 and nothing written.
+    for token in ("", "wrong-token-wrong-token"):
+        with pytest.raises(PushError) as refused:
+            push_rows(gateway, valid, token=token)
+        assert refused.value.status == 401 and not refused.value.retryable
+    assert _landing_files(paths) == before
+
+    run_pipeline(paths)
+    with open_warehouse(paths.database, read_only=True) as warehouse:
+        stored = warehouse.con.execute(
+            "SELECT metric_name, test_name, metric_value FROM performance_metrics "
+            "ORDER BY metric_name, test_name").fetchall()
+        quarantined = warehouse.con.execute("SELECT count(*) FROM quarantined_metrics").fetchall()[0][0]
+    expected = sorted([(r["metric_name"], r["test_name"], r["metric_value"]) for r in valid]
+                      + [("test_execution_time", "tests/test_gw.py::test_mixed", 9.5)],
+                      key=lambda r: (r[0], r[1] or ""))
+    assert stored == expected
+    assert quarantined == 0
+
+
+def test_gateway_refuses_wrong_requests_with_clear_statuses(gateway, paths):
+    rows = [metric_row(_iso(datetime.now(timezone.utc)))]
+    body = json.dumps(rows[0]).encode()
+    with pytest.raises(PushError) as too_large:
+        push_bytes(gateway, b" " * (1024 * 1024 + 1), content_type="application/x-ndjson", token=TOKEN)
+    assert too_large.value.status == 413
+    with pytest.raises(PushError) as unsupported:
+        push_bytes(gateway, body, content_type="image/png", token=TOKEN)
+    assert unsupported.value.status == 415
+    with pytest.raises(PushError) as unknown_parameter:
+        push_bytes(f"{gateway}/api/v1/metrics?drop_table=1", body,
+                   content_type="application/x-ndjson", token=TOKEN)
+    assert unknown_parameter.value.status == 400
+    assert "drop_table" in str(unknown_parameter.value)
+    assert _landing_files(paths) == []
+
+
+def test_a_batch_cut_off_mid_body_leaves_no_file(gateway, paths):
+    row = (json.dumps(metric_row(_iso(datetime.now(timezone.utc)))) + "\n").encode()
+    body = row * 200
+    host, port = gateway.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as connection:
+        connection.sendall(
+            b"POST /api/v1/metrics HTTP/1.1\r\nHost: gateway\r\n"
+            + f"Authorization: Bearer {TOKEN}\r\nContent-Type: application/x-ndjson\r\n"
+              f"Content-Length: {len(body)}\r\n\r\n".encode()
+            + body[: len(body) // 2])
+        time.sleep(0.5)
+    time.sleep(0.5)
+    assert _landing_files(paths) == []  # no data file, and no temporary file left behind
+    # The gateway is still serving.
+    assert push_rows(gateway, [json.loads(row)], token=TOKEN).accepted == 1
+
+
+@pytest.mark.parametrize("arguments, environment, message", [
+    (["--host", "0.0.0.0", "--no-auth"], {}, "only allowed on a loopback address"),
+    ([], {}, "set PERF_API_TOKEN"),
+    ([], {"PERF_API_TOKEN": "short"}, "too short"),
+])
+def test_serve_refuses_unsafe_settings(paths, monkeypatch, capsys, arguments, environment, message):
+    monkeypatch.delenv("PERF_API_TOKEN", raising=False)
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    assert main(["serve", "--port", str(free_port()), *arguments]) == 2
+    assert message in capsys.readouterr().err

@@ -172,7 +172,10 @@ def junit_xml(outcome: GateOutcome) -> bytes:
 
 def console_table(outcome: GateOutcome, *, limit: int = 20) -> str:
     rows = outcome.comparisons.head(limit)
-    lines = [outcome.headline]
+    counts = outcome.comparisons["verdict"].value_counts()
+    lines = [outcome.headline,
+             "  verdicts: " + ", ".join(f"{int(counts[v])} {v}" for v in statistics.VERDICT_ORDER
+                                        if v in counts)]
     for _, row in rows.iterrows():
         lines.append(f"  {row['verdict']:<19} {row['metric_name']:<22} {_test(row)[:70]:<70} "
                      f"{_number(row['baseline_value']):>9} → {_number(row['run_value']):<9} "

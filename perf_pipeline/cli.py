@@ -4,6 +4,7 @@ pick nodes for a kind of test (select-nodes)."""
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 import warnings
@@ -95,6 +96,10 @@ def _ingest_defaults(args: argparse.Namespace) -> dict | None:
         from perf_pipeline.collect.run_metadata import detect
 
         detected = detect()
+        if detected.provider == "local":
+            # A run id made up here would differ on every ingest of the same file.
+            raise UsageError("--from-ci-env: no CI environment found (GitHub Actions, Jenkins, "
+                             "GitLab CI); give --test-run-id and --node-id instead")
         defaults.update(detected.fields())
         context.update(detected.context())
     if args.timestamp is not None:
@@ -275,15 +280,20 @@ def cmd_gate(args: argparse.Namespace) -> int:
     from perf_pipeline.gate import GateOptions, judge, publish
     from perf_pipeline.storage.warehouse import WarehouseLockedError, open_warehouse
 
+    import duckdb
+
     if (args.run_id is None) == (args.ci_job_id is None):
         raise UsageError("give exactly one of --run-id or --ci-job-id")
     for name in ("baseline_days", "baseline_runs"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
-    if args.threshold_percent is not None and args.threshold_percent <= 0:
-        raise UsageError("--threshold-percent must be positive")
+    if args.threshold_percent is not None and not (math.isfinite(args.threshold_percent)
+                                                   and args.threshold_percent > 0):
+        raise UsageError("--threshold-percent must be a positive number")
     if not 0 < args.alpha < 0.5:
         raise UsageError("--alpha must be between 0 and 0.5")
+    if args.min_baseline_runs < 2:
+        raise UsageError("--min-baseline-runs must be at least 2 (a test's noise needs two runs)")
     paths = paths_from_env().ensure()
     monitoring = load_monitoring(paths.home / "perf_pipeline.yaml")
     options = GateOptions(run_id=args.run_id, ci_job_id=args.ci_job_id,
@@ -292,16 +302,21 @@ def cmd_gate(args: argparse.Namespace) -> int:
                           threshold_percent=args.threshold_percent,
                           settings=GateSettings(alpha=args.alpha,
                                                 min_baseline_runs=args.min_baseline_runs))
+    # Every failure to judge exits 2: 1 means "regressed", and a gate that cannot read its
+    # data must not say so.
     try:
         if args.ingest:
             _ingest(_input_files(args.ingest), paths.landing)
             run_pipeline(paths, analyse=False, progress=lambda line: print(line, file=sys.stderr))
         with open_warehouse(paths.database, read_only=True) as warehouse:
             outcome = judge(warehouse, options, monitoring.threshold_percent)
-    except (PipelineRunError, WarehouseLockedError) as error:
+    except (PipelineRunError, WarehouseLockedError, duckdb.Error) as error:
         print(f"perf-pipeline: error: {error}", file=sys.stderr)
-        return 2  # 1 means "regressed": a gate that cannot read its data must not say so
-    publish(outcome, junit_path=Path(args.junit_xml) if args.junit_xml else None)
+        return 2
+    try:
+        publish(outcome, junit_path=Path(args.junit_xml) if args.junit_xml else None)
+    except OSError as error:  # the verdict stands even when a report cannot be written
+        print(f"perf-pipeline: warning: could not write a gate report: {error}", file=sys.stderr)
     return outcome.exit_code
 
 

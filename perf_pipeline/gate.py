@@ -9,6 +9,7 @@ Actions, and a JUnit XML file for Jenkins and GitLab.
 from __future__ import annotations
 
 import os
+import re
 import xml.etree.ElementTree as ElementTree
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -68,6 +69,8 @@ def judge(warehouse: Warehouse, options: GateOptions,
         run_id=options.run_id, ci_job_id=options.ci_job_id, baseline_days=options.baseline_days,
         baseline_runs=options.baseline_runs, node_type=options.node_type,
         metrics=options.metrics or None)
+    if not options.metrics:
+        run = run[~run["metric_name"].isin(statistics.NOT_JUDGED_BY_DEFAULT)]
     if run.empty:
         raise GateDataError(
             f"no measurements of {options.subject} in the database"
@@ -96,8 +99,18 @@ def _percent(value) -> str:
     return "—" if value is None or pd.isna(value) else f"{float(value):+.1f}%"
 
 
+_XML_ILLEGAL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff]")
+
+
 def _test(row) -> str:
-    return row["test_name"] if isinstance(row["test_name"], str) else "(run)"
+    """The test's name on one line: a name with a line break must not start a line of its
+    own (in GitHub Actions, a line starting with :: is a workflow command)."""
+    name = row["test_name"] if isinstance(row["test_name"], str) else "(run)"
+    return name.replace("\r", "\\r").replace("\n", "\\n")
+
+
+def _xml_safe(text: str) -> str:
+    return _XML_ILLEGAL.sub("?", text)
 
 
 def markdown(outcome: GateOutcome, *, limit: int = 50) -> str:
@@ -112,7 +125,7 @@ def markdown(outcome: GateOutcome, *, limit: int = 50) -> str:
     lines += ["| verdict | metric | test | baseline | this run | change | p (Holm) | detectable | runs |",
               "|---|---|---|---|---|---|---|---|---|"]
     for _, row in shown.iterrows():
-        test = _test(row).replace("|", "\\|")
+        test = _test(row).replace("|", "\\|").replace("`", "'")
         lines.append(
             f"| {row['verdict']} | {row['metric_name']} | `{test}` | {_number(row['baseline_value'])} "
             f"| {_number(row['run_value'])} | {_percent(row['change_percent'])} "
@@ -156,12 +169,12 @@ def junit_xml(outcome: GateOutcome) -> bytes:
         "skipped": str(outcome.count(statistics.NO_BASELINE)), "errors": "0"})
     for _, row in rows.iterrows():
         case = ElementTree.SubElement(suite, "testcase", {
-            "classname": f"perf.{row['metric_name']}", "name": _test(row)})
-        detail = (f"baseline {_number(row['baseline_value'])}, this run {_number(row['run_value'])}, "
+            "classname": f"perf.{row['metric_name']}", "name": _xml_safe(_test(row))})
+        detail = _xml_safe(f"baseline {_number(row['baseline_value'])}, this run {_number(row['run_value'])}, "
                   f"change {_percent(row['change_percent'])}, p {_number(row['p_adjusted'], 2)}; "
                   f"{row['reason'] or ''}")
         if row["verdict"] == statistics.REGRESSION:
-            ElementTree.SubElement(case, "failure", {"message": row["reason"] or "regression",
+            ElementTree.SubElement(case, "failure", {"message": _xml_safe(row["reason"] or "regression"),
                                                      "type": "PerformanceRegression"}).text = detail
         elif row["verdict"] == statistics.NO_BASELINE:
             ElementTree.SubElement(case, "skipped", {"message": row["reason"] or "no baseline"})

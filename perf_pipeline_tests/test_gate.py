@@ -83,6 +83,11 @@ def test_gate_fails_a_regressed_run_and_passes_a_clean_one(history, tmp_path, mo
     assert "no measurements of run slow-run" in capsys.readouterr().err
     # A threshold far above 10% makes the same slowdown "possible" at most: it passes.
     assert main(["gate", "--run-id", "slow-run", "--threshold-percent", "50"]) == 0
+    # An unwritable report does not turn the verdict into another exit status.
+    blocked = tmp_path / "file-not-folder"
+    blocked.write_text("")
+    assert main(["gate", "--run-id", "slow-run", "--junit-xml", str(blocked / "gate.xml")]) == 1
+    assert "could not write a gate report" in capsys.readouterr().err
 
 
 def test_gate_usage_and_data_errors_exit_2(paths, capsys):
@@ -93,6 +98,9 @@ def test_gate_usage_and_data_errors_exit_2(paths, capsys):
         main(["gate", "--run-id", "a", "--ci-job-id", "b"])
     assert usage.value.code == 2
     assert main(["gate", "--run-id", "a", "--alpha", "2"]) == 2
+    assert main(["gate", "--run-id", "a", "--min-baseline-runs", "1"]) == 2
+    assert main(["gate", "--run-id", "a", "--threshold-percent", "nan"]) == 2
+    assert "positive number" in capsys.readouterr().err
 
 
 @pytest.mark.slow

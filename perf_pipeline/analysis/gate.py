@@ -47,6 +47,13 @@ COLUMNS = ["metric_name", "test_name", "direction", "verdict", "baseline_value",
            "run_measurements", "baseline_runs", "baseline_measurements", "reason"]
 
 
+# Judged only when asked for with --metric: these describe what ran (how many tests, how
+# many workers, the suite's throughput), which changes with the suite and the CI setup
+# rather than with the code's speed.
+NOT_JUDGED_BY_DEFAULT = frozenset({"test_count", "parallel_tests", "tests_per_hour",
+                                   "cyclomatic_complexity", "queue_depth"})
+
+
 @dataclass(frozen=True)
 class GateSettings:
     # Family-wise error over all comparisons of one run. 0.1%, not 1%: a CI system runs the
@@ -59,6 +66,12 @@ class GateSettings:
     # Baselines that never moved (a pass rate stuck at 100%) still get this much noise, in
     # log units (~0.5%): no measurement is exact.
     noise_floor: float = 0.005
+
+    def __post_init__(self) -> None:
+        if not 0 < self.alpha < 0.5:
+            raise ValueError("alpha must be between 0 and 0.5")
+        if self.min_baseline_runs < 2:
+            raise ValueError("at least 2 baseline runs are needed to know a test's noise")
 
 
 def _log_scale(values: np.ndarray) -> bool:
@@ -114,7 +127,9 @@ def _compare(run: np.ndarray, baseline: pd.DataFrame, settings: GateSettings) ->
         run_to_run = max(0.0, between - within * mean_inverse_n)
         run_variance = run_to_run + within / n
     floor = settings.noise_floor if log_scale else settings.noise_floor * abs(center)
-    spread = float(np.sqrt(max(run_variance + between / runs, floor ** 2)))
+    # A baseline stuck at zero (failure rates, retries) has no scale at all; the tiny
+    # absolute floor keeps t finite, and a zero level gets no relative verdict below.
+    spread = float(np.sqrt(max(run_variance + between / runs, floor ** 2, 1e-24)))
     difference = float(run_y.mean() - center)
     if log_scale:
         baseline_value, run_value = float(np.exp(center)), float(np.exp(run_y.mean()))

@@ -4,6 +4,7 @@ them without loading pandas or DuckDB)."""
 from __future__ import annotations
 
 import os
+import uuid
 from pathlib import Path
 
 
@@ -12,7 +13,8 @@ def write_atomic(path: Path, data: bytes) -> None:
     file in the same folder, fsynced, renamed over the target, and the folder fsynced."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    # Unique per call, not per process: the gateway writes from several threads at once.
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:12]}.tmp")
     try:
         with open(temporary, "wb") as handle:
             handle.write(data)

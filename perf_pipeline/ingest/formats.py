@@ -80,13 +80,25 @@ def _decode_lines(data: bytes) -> Iterator[tuple[int, str | None, bytes]]:
             yield number, None, raw
 
 
+def json_text(value) -> str:
+    """JSON text of a record, readable (non-ASCII kept) where it can be stored as UTF-8; a
+    lone surrogate from a \\ud800 escape cannot, so such records are written ASCII-escaped
+    (validation then judges them like any other)."""
+    text = json.dumps(value, ensure_ascii=False)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return json.dumps(value, ensure_ascii=True)
+    return text
+
+
 def rejected_record(reason: str, raw: str, timestamp: str | None = None) -> str:
     """A record the format layer could not read, kept whole with the reason (and its
     timestamp where known, so it is quarantined under its own day)."""
     record = {REJECTED_KEY: reason, RAW_KEY: raw}
     if timestamp is not None:
         record["timestamp"] = timestamp
-    return json.dumps(record, ensure_ascii=False)
+    return json_text(record)
 
 
 def _fill(row: dict, defaults: Mapping) -> dict:
@@ -133,7 +145,7 @@ def parse_jsonl(data: bytes, defaults: Mapping | None = None) -> Iterator[Staged
             row = json.loads(text)
         except (ValueError, RecursionError):
             row = None  # left as sent: validation quarantines it
-        yield number, (json.dumps(_fill(row, defaults), ensure_ascii=False)
+        yield number, (json_text(_fill(row, defaults))
                        if isinstance(row, dict) else text), None
 
 
@@ -158,17 +170,17 @@ def parse_csv(data: bytes, defaults: Mapping | None = None) -> Iterator[StagedRe
             if isinstance(context, str) and context.lstrip().startswith("{"):
                 try:
                     record["context_data"] = json.loads(context)
-                except json.JSONDecodeError:
+                except (ValueError, RecursionError):
                     pass  # left as text: validation quarantines it as "not a JSON object"
             if defaults is not None:
                 _fill(record, defaults)
             if extra:
                 reason = "CSV row has more fields than the header"
                 record["_extra_fields"] = extra
-                raw = json.dumps(record, ensure_ascii=False)
+                raw = json_text(record)
                 yield number, rejected_record(reason, raw, record.get("timestamp")), reason
             else:
-                yield number, json.dumps(record, ensure_ascii=False), None
+                yield number, json_text(record), None
     except csv.Error as error:
         reason = f"CSV is malformed: {error}"
         yield start, rejected_record(reason, "", _default_timestamp(defaults)), reason
@@ -203,8 +215,8 @@ def parse_json_document(data: bytes, defaults: Mapping | None = None) -> Iterato
     except UnicodeDecodeError:
         yield _rejected_document("file is not valid UTF-8", data, defaults)
         return
-    except json.JSONDecodeError as error:
-        yield _rejected_document(f"file is not valid JSON: {error}", data, defaults)
+    except ValueError as error:  # JSONDecodeError, and numbers past int()'s digit limit
+        yield _rejected_document(f"file is not valid JSON: {str(error)[:200]}", data, defaults)
         return
     except RecursionError:
         yield _rejected_document("JSON document is nested too deeply", data, defaults)
@@ -228,7 +240,7 @@ def parse_json_document(data: bytes, defaults: Mapping | None = None) -> Iterato
     for number, row in enumerate(rows, start=1):
         if isinstance(row, dict) and defaults is not None:
             _fill(row, defaults)
-        yield number, json.dumps(row, ensure_ascii=False), None  # a non-object: validation says so
+        yield number, json_text(row), None  # a non-object: validation says so
 
 
 _BENCHMARK_STATS = ("mean", "stddev", "min", "max", "iqr", "rounds", "iterations")
@@ -263,7 +275,7 @@ def _benchmark_records(document: dict, data: bytes,
         if not isinstance(stats, dict):
             reason = ("benchmark is not a JSON object" if not isinstance(benchmark, dict)
                       else "benchmark has no stats object")
-            raw = json.dumps(benchmark, ensure_ascii=False)[:MAX_DOCUMENT_ECHO]
+            raw = json_text(benchmark)[:MAX_DOCUMENT_ECHO]
             yield number, rejected_record(reason, raw, timestamp or _default_timestamp(defaults)), reason
             continue
         row = _metric_row(
@@ -273,7 +285,7 @@ def _benchmark_records(document: dict, data: bytes,
             context_data={**context, **_without_nulls(
                 {**{name: stats.get(name) for name in _BENCHMARK_STATS},
                  "group": benchmark.get("group"), "params": benchmark.get("params")})})
-        yield number, json.dumps(row, ensure_ascii=False), None
+        yield number, json_text(row), None
 
 
 # ------------------------------------------------------------------ JUnit XML
@@ -392,11 +404,11 @@ def parse_junit_xml(data: bytes, defaults: Mapping | None = None) -> Iterator[St
             if seconds is None:
                 reason = ("testcase has no time attribute" if time_text is None else
                           f"testcase time {time_text[:40]!r} is not a number of seconds")
-                yield (number, rejected_record(reason, json.dumps(row, ensure_ascii=False),
+                yield (number, rejected_record(reason, json_text(row),
                                                row.get("timestamp")), reason)
                 continue
             case_seconds += seconds
-            yield number, json.dumps(row, ensure_ascii=False), None
+            yield number, json_text(row), None
 
         executed = outcomes["passed"] + outcomes["failed"] + outcomes["error"]
         suite_seconds = _seconds(suite.get("time")) or case_seconds or None
@@ -411,7 +423,7 @@ def parse_junit_xml(data: bytes, defaults: Mapping | None = None) -> Iterator[St
             number += 1
             row = _metric_row(defaults, run_id, **common, metric_name=metric, metric_value=value,
                               unit=unit, context_data=_without_nulls(summary))
-            yield number, json.dumps(row, ensure_ascii=False), None
+            yield number, json_text(row), None
 
 
 PARSERS: dict[str, Parser] = {

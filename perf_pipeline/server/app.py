@@ -13,6 +13,7 @@ import ipaddress
 import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from datetime import date
 from pathlib import Path
 
 from starlette.applications import Starlette
@@ -21,6 +22,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from perf_pipeline.config import partitions_start_date
 from perf_pipeline.server.gateway import MetricsGateway
 
 TOKEN_ENV = "PERF_API_TOKEN"
@@ -93,7 +95,8 @@ class BearerTokenMiddleware:
 
 
 def create_app(settings: ServerSettings) -> Starlette:
-    gateway = MetricsGateway(settings.landing, max_body_bytes=settings.max_body_bytes)
+    gateway = MetricsGateway(settings.landing, max_body_bytes=settings.max_body_bytes,
+                             earliest_day=date.fromisoformat(partitions_start_date()))
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:

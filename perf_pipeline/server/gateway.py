@@ -80,9 +80,12 @@ class GatewayResult:
 class MetricsGateway:
     """Validates batches and writes accepted rows to the landing archive."""
 
-    def __init__(self, landing: Path, *, max_body_bytes: int):
+    def __init__(self, landing: Path, *, max_body_bytes: int, earliest_day: date):
         self.landing = Path(landing)
         self.max_body_bytes = max_body_bytes
+        # Days before the first daily partition are never loaded: refuse them now, while
+        # the sender still has the rows, rather than land files nothing will read.
+        self.earliest_day = earliest_day
         # One in-memory DuckDB (schema and catalog only) judges every batch; a DuckDB
         # connection is not for concurrent use, so batches take turns.
         self._warehouse = Warehouse.for_writing(connect())
@@ -103,7 +106,10 @@ class MetricsGateway:
         by_day: dict[date, list[str]] = defaultdict(list)
         for (line, reason, day), raw in zip(checked, staged["raw_line"], strict=True):
             if reason is None and day is not None and day > latest:
-                reason = f"timestamp is more than {FUTURE_TOLERANCE.days} day ahead of the gateway's clock"
+                reason = f"timestamp is dated after {latest.isoformat()} (UTC), ahead of the gateway's clock"
+            if reason is None and day is not None and day < self.earliest_day:
+                reason = (f"timestamp is before the first daily partition, "
+                          f"{self.earliest_day.isoformat()} (PERF_PIPELINE_START_DATE)")
             if reason is None:
                 by_day[day].append(raw)
             else:
@@ -180,7 +186,12 @@ class MetricsGateway:
         except ClientDisconnect:
             # The client went away before the whole body arrived: nothing was written.
             return JSONResponse({"error": "client disconnected mid-body"}, status_code=400)
-        result = await run_in_threadpool(self.store, body, suffix=suffix, defaults=defaults)
+        try:
+            result = await run_in_threadpool(self.store, body, suffix=suffix, defaults=defaults)
+        except Exception as error:  # noqa: BLE001 - a body we cannot read is the client's to fix
+            # Not a 5xx: a retry would fail the same way and block a client's queue.
+            return JSONResponse({"error": f"could not read the body: {type(error).__name__}: "
+                                          f"{str(error)[:200]}"}, status_code=400)
         status = 422 if result.received and not result.accepted else 200
         return JSONResponse(result.as_json(), status_code=status)
 

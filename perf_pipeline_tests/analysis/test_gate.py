@@ -112,3 +112,15 @@ def test_settings_alpha_changes_the_bar():
     assert strict["p_adjusted"][0] == loose["p_adjusted"][0]
     assert strict["verdict"][0] != REGRESSION
     assert loose["verdict"][0] == REGRESSION
+
+
+def test_a_baseline_stuck_at_zero_is_judged_without_error():
+    """Failure rates and retry counts sit at 0 run after run; the gate must not divide by
+    their zero spread."""
+    baseline = pd.DataFrame([("node_failure_rate", None, f"run-{r}", 0.0) for r in range(10)],
+                            columns=["metric_name", "test_name", "test_run_id", "value"])
+    for value in (0.0, 5.0):
+        run = pd.DataFrame([("node_failure_rate", None, "new", value)], columns=baseline.columns)
+        result = compare_run(run, baseline, threshold_percent=threshold)
+        assert result["verdict"][0] == OK
+        assert "baseline level is zero" in result["reason"][0]

@@ -85,6 +85,7 @@ def test_gateway_lands_exactly_the_valid_rows_and_the_pipeline_loads_them(gatewa
         json.dumps(metric_row(_iso(yesterday), node_id="")),
         "this is not json",
         json.dumps(metric_row(_iso(now + timedelta(days=3)))),
+        json.dumps(metric_row("2001-01-01T00:00:00Z")),
     ]
     response = push_bytes(gateway, ("\n".join(mixed) + "\n").encode(),
                           content_type="application/x-ndjson", token=TOKEN)
@@ -95,7 +96,8 @@ def test_gateway_lands_exactly_the_valid_rows_and_the_pipeline_loads_them(gatewa
     assert reasons[4] == "missing node_id"
     assert reasons[5] == "line is not valid JSON"
     assert "ahead of the gateway's clock" in reasons[6]
-    assert response.body["rejected_count"] == 5 and response.body["received"] == 6
+    assert "before the first daily partition" in reasons[7]
+    assert response.body["rejected_count"] == 6 and response.body["received"] == 7
 
     # Every row rejected: 422, nothing written.
     before = _landing_files(paths)
@@ -139,6 +141,19 @@ def test_gateway_refuses_wrong_requests_with_clear_statuses(gateway, paths):
     assert unknown_parameter.value.status == 400
     assert "drop_table" in str(unknown_parameter.value)
     assert _landing_files(paths) == []
+
+
+def test_identical_batches_sent_at_once_land_as_one_file(gateway, paths):
+    from concurrent.futures import ThreadPoolExecutor
+
+    rows = [metric_row(_iso(datetime.now(timezone.utc) - timedelta(minutes=i)), value=float(i))
+            for i in range(50)]
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        results = list(pool.map(lambda _: push_rows(gateway, rows, token=TOKEN), range(16)))
+    assert {(r.status, r.accepted) for r in results} == {(200, 50)}
+    files = _landing_files(paths)
+    assert len(files) in (1, 2)  # one per UTC day the 50 minutes span
+    assert not any("/." in name for name in files)
 
 
 def test_a_batch_cut_off_mid_body_leaves_no_file(gateway, paths):

@@ -121,3 +121,33 @@ def stop_process_group(process: subprocess.Popen) -> None:
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)
         process.wait()
+
+
+def start_gateway(port: int, env: dict, *, arguments: tuple[str, ...] = ()) -> subprocess.Popen:
+    """`perf-pipeline serve` in its own process group on 127.0.0.1:`port` (not waited for)."""
+    import sys
+
+    return subprocess.Popen(
+        [sys.executable, "-m", "perf_pipeline.cli", "serve", "--port", str(port), *arguments],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def wait_until_serving(url: str, process: subprocess.Popen, *, timeout: float = 60) -> None:
+    """Block until the gateway at `url` answers /healthz; fail with its output if it died."""
+    import time
+    import urllib.error
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(f"{url}/healthz", timeout=2) as response:
+                if json.loads(response.read()) == {"status": "ok"}:
+                    return
+        except (urllib.error.URLError, ConnectionError):
+            pass
+        if process.poll() is not None or time.monotonic() > deadline:
+            if process.poll() is None:
+                stop_process_group(process)
+            pytest.fail(f"gateway did not start: {process.stdout.read().decode()}")
+        time.sleep(0.2)

@@ -9,10 +9,15 @@ files by a checksum of their content, stores it as the same file: resending is i
 - 200 with every row accepted: the batch file is deleted.
 - 422, or 200 with some rows rejected, or 400/413: the batch can never succeed as it is; it
   moves to `rejected/` next to the gateway's answer, and the reasons are logged.
+- an answer that does not account for every row of the batch (accepted + rejected is not the
+  batch's row count), or that is not the gateway's (a proxy's page): the batch stays, as below.
 - unreachable, timeout, 429, 5xx: the batch stays; sending backs off exponentially with jitter
   (capped) while sampling goes on into the spool.
-- 401/403 and other answers that a fix of the setup cures (404: wrong URL): logged loudly,
-  every batch stays, sending backs off the same way.
+- 401/403 and other answers that a fix of the setup cures (404: wrong URL, 3xx: a redirect,
+  which is never followed): logged loudly, every batch stays, sending backs off the same way.
+
+A failure inside one round (the disk full when spooling, psutil failing to read a counter) is
+logged and the agent goes on with the next round.
 
 The spool is bounded (`--spool-max-mb`): when a new batch would not fit, the oldest rejected
 batches and then the oldest pending batches are dropped, and the log says how many batches and
@@ -39,7 +44,8 @@ from pathlib import Path
 from typing import Any
 
 from perf_pipeline.collect.files import write_atomic
-from perf_pipeline.collect.push import TOKEN_ENV, PushError, jsonl, metrics_url, push_bytes
+from perf_pipeline.collect.push import (TOKEN_ENV, PushError, jsonl, metrics_url, push_bytes,
+                                        redact_url)
 
 log = logging.getLogger("perf_pipeline.agent")
 
@@ -318,27 +324,38 @@ class Agent:
                 result.failure = error
                 result.remaining = len(batches) - index
                 return result
-            if answer.status == 200 and not answer.rejected:
+            rows = _rows_in(data)
+            if answer.answered != rows:
+                # Not an answer for this batch: deleting or setting it aside could lose rows.
+                result.failure = PushError(
+                    f"gateway answered {answer.status} for {answer.answered} rows "
+                    f"({answer.accepted} accepted, {answer.rejected_count} rejected) of the "
+                    f"{rows} in {path.name}", retryable=True, status=answer.status)
+                result.remaining = len(batches) - index
+                return result
+            if answer.status == 200 and answer.rejected_count == 0:
                 self.spool.delete(path)
                 result.delivered += 1
                 self.delivered += 1
                 log.info("delivered %s: %d rows accepted (%d batches left)", path.name,
                          answer.accepted, len(batches) - index - 1)
             else:
-                self._reject(path, data, {"status": answer.status, **answer.body}, answer.rejected)
+                self._reject(path, data, {"status": answer.status, **answer.body}, answer.rejected,
+                             answer.rejected_count)
                 result.rejected += 1
         self.backoff.reset()
         return result
 
     def _reject(self, path: Path, data: bytes, response: dict[str, Any],
-                rejected: list[dict[str, Any]]) -> None:
+                rejected: list[dict[str, Any]], rejected_count: int | None = None) -> None:
         target = self.spool.reject(path, response)
         self.rejected += 1
+        count = rejected_count if rejected_count is not None else len(rejected)
         reasons = "; ".join(f"line {r.get('line')}: {r.get('reason')}" for r in rejected[:5])
-        if len(rejected) > 5:
-            reasons += f"; … {len(rejected) - 5} more"
+        if count > 5:
+            reasons += f"; … {count - min(len(rejected), 5)} more"
         log.error("gateway refused %d of %d rows of %s (HTTP %s): %s; batch kept in %s, not resent",
-                  len(rejected) or _rows_in(data), _rows_in(data), path.name, response.get("status"),
+                  count or _rows_in(data), _rows_in(data), path.name, response.get("status"),
                   reasons or response.get("error", "no reason given"), target.parent)
 
     def _log_failure(self, result: FlushResult, delay: float | None) -> None:
@@ -355,27 +372,48 @@ class Agent:
             log.error("%s (is --push right?); %d batches kept in the spool, %s",
                       error, result.remaining, then)
 
+    def _pending_count(self) -> int:
+        try:
+            return len(self.spool.pending())
+        except OSError:
+            return -1
+
     def run(self, *, count: int | None = None) -> int:
-        """Sample every interval and send, until `count` samples or `stop()`; a last flush
-        sends what it can. Returns the number of batches still pending."""
+        """Sample every interval and send, until `count` samples were taken (or tried) or
+        `stop()`; a last flush sends what it can. Returns the number of batches still pending."""
         log.info("agent started: node %s, every %gs, pushing to %s, spool %s (%d batches pending)%s",
-                 self.sampler.node_id if self.sampler else "-", self.interval, self.push_url,
-                 self.spool.folder, len(self.spool.pending()),
+                 self.sampler.node_id if self.sampler else "-", self.interval,
+                 redact_url(self.push_url), self.spool.folder, self._pending_count(),
                  "" if self._token else f"; {TOKEN_ENV} is not set")
         next_sample = time.monotonic() + self.interval
         retry_at = 0.0  # a leftover spool from an earlier run goes out right away
+        attempts = 0
         while not self._stop.is_set():
             now = time.monotonic()
             if self.sampler is not None and now >= next_sample:
-                self.sample_once()
-                # A late sample (a slow send) starts a fresh interval rather than a burst.
-                next_sample = max(next_sample + self.interval, now)
-                if count is not None and self.samples >= count:
+                # Each sample starts a full interval, also a late one (after a slow send):
+                # two samples never come back to back, and a failing one cannot spin.
+                next_sample = now + self.interval
+                attempts += 1
+                try:
+                    self.sample_once()
+                except Exception as error:  # disk full, psutil failing: this sample is lost
+                    log.error("sample lost: %s: %s; next sample in %gs", type(error).__name__,
+                              error, self.interval, exc_info=not isinstance(error, OSError))
+                if count is not None and attempts >= count:
                     break
             now = time.monotonic()
             wake = next_sample
             if now >= retry_at:
-                result = self.flush(deadline=next_sample)
+                try:
+                    result = self.flush(deadline=next_sample)
+                except Exception as error:  # the spool unreadable or unwritable: try again later
+                    result = FlushResult(remaining=max(self._pending_count(), 0),
+                                         failure=PushError(f"sending the spool failed: "
+                                                           f"{type(error).__name__}: {error}",
+                                                           retryable=True))
+                    if not isinstance(error, OSError):
+                        log.error("unexpected error while sending", exc_info=True)
                 if result.failure is not None:
                     delay = self.backoff.next_delay()
                     self._log_failure(result, delay)
@@ -390,7 +428,13 @@ class Agent:
 
     def finish(self) -> int:
         """One last pass over the spool (stopping at the first failure); returns what is left."""
-        result = self.flush()
+        try:
+            result = self.flush()
+        except Exception as error:
+            result = FlushResult(remaining=max(self._pending_count(), 1),
+                                 failure=PushError(f"sending the spool failed: "
+                                                   f"{type(error).__name__}: {error}",
+                                                   retryable=True))
         if result.failure is not None:
             self._log_failure(result, None)
         log.info("agent stopped: %d samples, %d batches delivered, %d rejected, %d batches "

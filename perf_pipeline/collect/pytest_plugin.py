@@ -60,8 +60,9 @@ DEFAULT_FALLBACK = ".perf-collect-unsent"
 MEASUREMENT_PROPERTY = "perf_pipeline"
 # Markers that configure a test rather than describe it.
 _CONFIGURING_MARKERS = frozenset({"parametrize", "usefixtures", "filterwarnings"})
-# Rows per gateway request: a large suite stays well under a gateway's body limit.
-PUSH_BATCH_ROWS = 5000
+# Rows per gateway request: a large suite stays well under a gateway's body limit, and the
+# gateway lists every rejected row of a batch this size (it lists at most 1000).
+PUSH_BATCH_ROWS = 1000
 PUSH_TIMEOUT_S = 10.0
 _PHASE_METRICS = {"setup": "test_setup_time", "call": "test_execution_time",
                   "teardown": "test_teardown_time"}
@@ -102,6 +103,54 @@ def pytest_configure(config: pytest.Config) -> None:
     except Exception as error:
         config.pluginmanager.register(
             NotCollecting(f"not collecting: {type(error).__name__}: {error}"), "perf_pipeline_warning")
+
+
+def write_new(folder: Path, stem: str, data: bytes) -> Path:
+    """Write `data` to a file of `folder` that did not exist before: `stem`.jsonl, else
+    `stem`-2.jsonl, -3 … The file appears whole (a temporary file, fsynced, hard-linked to a
+    name that must not exist, so two processes never take the same one) and the folder is
+    fsynced. Where the file system has no hard links, the name is created exclusively."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    temporary = folder / f".{stem}.{os.getpid()}.{time.time_ns()}.tmp"
+    try:
+        with open(temporary, "xb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        number, linked = 1, True
+        while True:
+            path = folder / (f"{stem}.jsonl" if number == 1 else f"{stem}-{number}.jsonl")
+            try:
+                if linked:
+                    os.link(temporary, path)
+                else:
+                    with open(path, "xb") as handle:
+                        try:
+                            handle.write(data)
+                            handle.flush()
+                            os.fsync(handle.fileno())
+                        except BaseException:
+                            path.unlink(missing_ok=True)
+                            raise
+                break
+            except FileExistsError:
+                number += 1
+            except OSError:
+                if not linked:
+                    raise
+                linked = False  # no hard links here: create the name exclusively instead
+    finally:
+        temporary.unlink(missing_ok=True)
+    try:
+        directory = os.open(folder, os.O_RDONLY)
+    except OSError:  # Windows cannot open a folder; its renames and links are durable enough
+        return path
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+    return path
 
 
 class NotCollecting:
@@ -398,7 +447,8 @@ class Collector:
                 self._push(rows, fields["test_run_id"])
             elif "://" in self.target:
                 self._keep_unsent(rows, fields["test_run_id"],
-                                  f"--perf-collect={self.target} is not a folder or an http(s) URL")
+                                  f"--perf-collect={self.push.redact_url(self.target)} is not a folder "
+                                  "or an http(s) URL")
             else:
                 folder = self._folder(self.target)
                 try:
@@ -414,18 +464,16 @@ class Collector:
         return Path(self.config.invocation_params.dir, os.path.expanduser(value))
 
     def _write(self, folder: Path, test_run_id: str, rows: list[dict[str, Any]]) -> Path:
-        from perf_pipeline.collect.files import write_atomic
-
         stem = "pytest-" + re.sub(r"[^A-Za-z0-9._-]", "_", test_run_id)
-        path, number = folder / f"{stem}.jsonl", 1
-        while path.exists():  # a second pytest run in the same CI job keeps the first's rows
-            number += 1
-            path = folder / f"{stem}-{number}.jsonl"
-        write_atomic(path, self.push.jsonl(rows))
-        return path
+        # A second pytest run in the same CI job (or one beside it) keeps the first's rows.
+        return write_new(folder, stem, self.push.jsonl(rows))
 
     def _push(self, rows: list[dict[str, Any]], test_run_id: str) -> None:
-        accepted, rejected, unsent, failure = 0, [], [], None
+        shown = self.push.redact_url(self.target)
+        accepted = rejected_count = unlisted = 0
+        rejected: list[Any] = []
+        unsent: list[dict[str, Any]] = []
+        failure = None
         for offset in range(0, len(rows), PUSH_BATCH_ROWS):
             batch = rows[offset:offset + PUSH_BATCH_ROWS]
             if failure is not None:
@@ -433,25 +481,43 @@ class Collector:
                 continue
             try:
                 result = self.push.push_rows(self.target, batch, timeout=PUSH_TIMEOUT_S)
-            except (self.push.PushError, ValueError) as error:
-                failure = str(error)
+                answered = result.accepted + result.rejected_count
+            except Exception as error:  # whatever it is, the rows go to the fallback folder
+                failure = (str(error) if isinstance(error, self.push.PushError)
+                           else f"{type(error).__name__}: {error}")
+                unsent.extend(batch)
+                continue
+            if answered != len(batch):
+                failure = (f"the gateway answered for {answered} of the {len(batch)} rows sent "
+                           f"({result.accepted} accepted, {result.rejected_count} rejected)")
                 unsent.extend(batch)
                 continue
             accepted += result.accepted
+            rejected_count += result.rejected_count
+            rejected.extend(result.rejected)
+            if result.rejected_count > len(result.rejected):
+                # Not every rejected row is listed: keeping the whole batch is the only way
+                # to keep each of them (its accepted rows come along).
+                unlisted += result.rejected_count - len(result.rejected)
+                unsent.extend(batch)
+                continue
             for entry in result.rejected:
-                rejected.append(entry)
                 line = entry.get("line") if isinstance(entry, dict) else None
                 if isinstance(line, int) and 1 <= line <= len(batch):  # JSON Lines line number
                     unsent.append(batch[line - 1])
-        if failure is None and not rejected:
-            self.lines.append(f"perf-collect: {len(rows)} rows pushed to {self.target}")
+        if failure is None and not rejected_count:
+            self.lines.append(f"perf-collect: {len(rows)} rows pushed to {shown}")
             return
         if failure is None:
-            reason = rejected[0].get("reason", "?") if isinstance(rejected[0], dict) else rejected[0]
-            why = (f"the gateway at {self.target} accepted {accepted} rows and rejected "
-                   f"{len(rejected)} (first: {reason})")
+            first = rejected[0] if rejected else "?"
+            reason = first.get("reason", "?") if isinstance(first, dict) else first
+            why = (f"the gateway at {shown} accepted {accepted} rows and rejected "
+                   f"{rejected_count} (first: {reason})")
+            if unlisted:
+                why += (f"; {unlisted} rejected rows were not listed, so their whole batches "
+                        f"are kept")
         else:
-            why = f"push to {self.target} failed: {failure}"
+            why = f"push to {shown} failed: {failure}"
         self._keep_unsent(unsent, test_run_id, why)
 
     def _keep_unsent(self, rows: list[dict[str, Any]], test_run_id: str, why: str) -> None:

@@ -21,10 +21,10 @@ import pytest
 from perf_pipeline.catalog import BY_NAME
 from perf_pipeline.cli import build_parser
 from perf_pipeline.collect.agent import Agent, Backoff, Sampler, Spool, counter_rate
-from perf_pipeline.collect.push import jsonl, push_bytes
+from perf_pipeline.collect.push import PushError, jsonl, push_bytes, push_rows
 from perf_pipeline.ingest.formats import stage_bytes
 from perf_pipeline.storage.warehouse import Warehouse, connect
-from perf_pipeline_tests.conftest import free_port, stop_process_group
+from perf_pipeline_tests.conftest import free_port, start_gateway, stop_process_group
 
 ROOT = Path(__file__).resolve().parents[2]
 TOKEN = "agent-test-token-0123456789"
@@ -38,10 +38,11 @@ class Gateway:
     with every row accepted, except that it drops the connection without answering (after
     reading the body) for the first `drop_first` requests."""
 
-    def __init__(self, port: int, *, drop_first: int = 0) -> None:
+    def __init__(self, port: int, *, drop_first: int = 0, delay: float = 0.0) -> None:
         self.bodies: list[bytes] = []
         self.authorizations: list[str | None] = []
         self.drop_first = drop_first
+        self.delay = delay
         gateway = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -53,6 +54,7 @@ class Gateway:
                     gateway.drop_first -= 1
                     self.close_connection = True
                     return
+                time.sleep(gateway.delay)
                 reply = json.dumps({"accepted": body.count(b"\n"), "rejected": []}).encode()
                 self.send_response(200)
                 self.send_header("Content-Type", "application/json")
@@ -73,6 +75,54 @@ class Gateway:
     def close(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+class RawReply:
+    """A server on loopback that reads each request and answers with the same raw bytes (a
+    broken status line, a body cut short), then closes the connection."""
+
+    def __init__(self, raw: bytes) -> None:
+        self.requests = 0
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                server.requests += 1
+                self.wfile.write(raw)
+                self.wfile.flush()
+                self.close_connection = True
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+class StubSampler:
+    """Rows of a fixed shape, the monotonic time of each call, and a failure for the first
+    `fail_first` calls."""
+
+    node_id = "node-stub"
+
+    def __init__(self, fail_first: int = 0, error: Exception | None = None) -> None:
+        self.times: list[float] = []
+        self.fail_first = fail_first
+        self.error = error
+
+    def sample(self) -> list[dict]:
+        self.times.append(time.monotonic())
+        if self.fail_first > 0:
+            self.fail_first -= 1
+            raise self.error
+        return _rows(f"2026-11-02T10:00:{len(self.times):02d}.000Z")
 
 
 @pytest.fixture
@@ -252,6 +302,7 @@ def test_backoff_grows_exponentially_with_jitter_up_to_its_cap():
 @pytest.mark.parametrize("status", [429, 500, 503])
 def test_retryable_answers_keep_the_batch_for_later(tmp_path, receiver, agent_log, status):
     receiver.reply(status, b'{"error": "busy"}')
+    receiver.reply(200, b'{"accepted": 3, "rejected_count": 0, "rejected": []}')
     spool = Spool(tmp_path / "spool", max_bytes=10**6)
     batch = spool.add(_rows("2026-11-02T10:00:00.000Z"))
     agent = _agent(spool, receiver.port)
@@ -347,10 +398,7 @@ def test_real_gateway_down_then_up_lands_every_sample_exactly_once(tmp_path, age
     try:
         _wait_for(lambda: len(spool.pending()) >= 3, what="three spooled samples while the gateway is down")
         resend = spool.pending()[0].read_bytes()
-        server = subprocess.Popen(
-            [sys.executable, "-m", "perf_pipeline.cli", "serve", "--port", str(port)],
-            cwd=ROOT, env=_environment(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-            start_new_session=True)
+        server = start_gateway(port, _environment(tmp_path))
         _wait_for(lambda: agent.delivered >= 6 and not spool.pending(), timeout=90,
                   what="the real gateway to take the spool")
     finally:
@@ -373,3 +421,170 @@ def test_real_gateway_down_then_up_lands_every_sample_exactly_once(tmp_path, age
     assert {(row["node_id"], row["node_type"]) for row in rows} == {("node-gw", "linux-small")}
     assert TOKEN not in agent_log.text
 
+
+
+# --------------------------------------------------------- answers that are not the gateway's
+
+@pytest.mark.parametrize("answer", [
+    b"<html><body>Please log in to the guest network</body></html>",
+    b"",
+    b"[1, 2, 3]",
+    b'{"status": "ok"}',
+    b'{"accepted": "3", "rejected": []}',
+    b'{"accepted": 3, "rejected": "none"}',
+], ids=["portal-page", "empty", "json-list", "no-accepted", "accepted-not-int", "rejected-not-list"])
+def test_a_200_that_is_not_the_gateways_answer_keeps_the_batch(tmp_path, receiver, agent_log, answer):
+    receiver.reply(200, answer)
+    with pytest.raises(PushError) as raised:
+        push_rows(f"http://127.0.0.1:{receiver.port}", _rows("2026-11-02T10:00:00.000Z"), token=TOKEN)
+    assert raised.value.retryable and "not a perf_pipeline gateway answer" in str(raised.value)
+    receiver.reply(200, answer)
+    spool = Spool(tmp_path / "spool", max_bytes=10**6)
+    batch = spool.add(_rows("2026-11-02T10:00:00.000Z"))
+    assert _agent(spool, receiver.port).finish() == 1
+    assert spool.pending() == [batch] and spool.rejected() == []
+    assert "not a perf_pipeline gateway answer" in agent_log.text
+
+
+@pytest.mark.parametrize("answer", [
+    {"accepted": 0, "rejected": []},
+    {"accepted": 2, "rejected": []},
+    {"accepted": 0, "rejected_count": 0, "rejected": []},
+    {"accepted": 1, "rejected_count": 1, "rejected": [{"line": 3, "reason": "bad"}]},
+], ids=["nothing", "too-few", "nothing-counted", "one-row-unaccounted"])
+def test_an_answer_that_does_not_account_for_every_row_keeps_the_batch(
+        tmp_path, receiver, agent_log, answer):
+    receiver.reply(200, json.dumps(answer).encode())
+    receiver.reply(200, b'{"accepted": 3, "rejected_count": 0, "rejected": []}')
+    spool = Spool(tmp_path / "spool", max_bytes=10**6)
+    batch = spool.add(_rows("2026-11-02T10:00:00.000Z"))
+    agent = _agent(spool, receiver.port)
+    assert agent.finish() == 1
+    assert spool.pending() == [batch] and spool.rejected() == []
+    assert "of the 3 in" in agent_log.text
+    assert agent.finish() == 0 and spool.pending() == [] and spool.rejected() == []
+    assert receiver.requests[0]["body"] == receiver.requests[1]["body"]
+
+
+def test_more_rejected_rows_than_listed_still_sets_the_batch_aside(tmp_path, receiver, agent_log):
+    receiver.reply(422, json.dumps({"accepted": 0, "rejected_count": 3, "rejected": [
+        {"line": 1, "reason": "unknown metric: cpu_usagez"}]}).encode())
+    spool = Spool(tmp_path / "spool", max_bytes=10**6)
+    spool.add(_rows("2026-11-02T10:00:00.000Z"))
+    assert _agent(spool, receiver.port).finish() == 0
+    assert len(spool.rejected()) == 1
+    assert "gateway refused 3 of 3 rows" in agent_log.text
+
+
+# ---------------------------------------------------------------------------- redirects
+
+@pytest.mark.parametrize("status", [301, 302, 303, 307, 308])
+def test_a_redirect_is_not_followed_and_the_batch_is_kept(tmp_path, receiver, agent_log, status):
+    elsewhere = Gateway(free_port())
+    moved = f"http://someone:pa55word@127.0.0.1:{elsewhere.server.server_address[1]}/api/v1/metrics"
+    try:
+        receiver.reply(status, b"", Location=moved)
+        with pytest.raises(PushError) as raised:
+            push_rows(f"http://127.0.0.1:{receiver.port}", _rows("2026-11-02T10:00:00.000Z"),
+                      token=TOKEN)
+        receiver.reply(status, b"", Location=moved)
+        spool = Spool(tmp_path / "spool", max_bytes=10**6)
+        batch = spool.add(_rows("2026-11-02T10:00:00.000Z"))
+        assert _agent(spool, receiver.port).finish() == 1
+    finally:
+        elsewhere.close()
+    error = raised.value
+    assert not error.retryable and error.status == status
+    shown = f"http://127.0.0.1:{elsewhere.server.server_address[1]}/api/v1/metrics"
+    assert f"gateway redirected to {shown}" in str(error) and "use the final URL" in str(error)
+    assert elsewhere.bodies == [] and elsewhere.authorizations == []  # the token stayed home
+    assert [r["headers"].get("Authorization") for r in receiver.requests] == [f"Bearer {TOKEN}"] * 2
+    assert spool.pending() == [batch] and spool.rejected() == []
+    assert "use the final URL" in agent_log.text and "pa55word" not in agent_log.text
+
+
+# ------------------------------------------------------------ broken answers, broken transport
+
+@pytest.mark.parametrize("raw", [
+    b"HELLO WORLD\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"accepted\"",
+    b"HTTP/1.1 200 OK\r\nContent-Length: 33\r\n\r\n{\"accepted\": null, \"rejected\": []}",
+    b"HTTP/1.1 200 OK\r\nContent-Length: 34\r\n\r\n{\"accepted\": 3, \"rejected\": [null]}",
+    b"HTTP/1.1 200 OK\r\nContent-Length: 15\r\n\r\n{\"accepted\": 1e999}",
+], ids=["bad-status-line", "incomplete-read", "accepted-null", "rejected-null", "accepted-inf"])
+def test_every_transport_or_parse_failure_is_a_retryable_push_error(tmp_path, agent_log, raw):
+    server = RawReply(raw)
+    try:
+        with pytest.raises(PushError) as raised:
+            push_rows(f"http://127.0.0.1:{server.port}", _rows("2026-11-02T10:00:00.000Z"), token=TOKEN)
+        spool = Spool(tmp_path / "spool", max_bytes=10**6)
+        batch = spool.add(_rows("2026-11-02T10:00:00.000Z"))
+        assert _agent(spool, server.port).finish() == 1
+    finally:
+        server.close()
+    assert raised.value.retryable
+    assert spool.pending() == [batch] and spool.rejected() == []
+    assert server.requests == 2
+
+
+# ------------------------------------------------------------------------- the run loop
+
+def test_a_late_sample_starts_a_full_interval_never_a_back_to_back_one(tmp_path, agent_log):
+    port = free_port()
+    gateway = Gateway(port, delay=0.5)  # every send outlasts two intervals
+    sampler = StubSampler()
+    spool = Spool(tmp_path / "spool", max_bytes=10**6)
+    agent = _agent(spool, port, sampler=sampler, interval=0.2)
+    try:
+        assert agent.run(count=4) == 0
+    finally:
+        gateway.close()
+    gaps = [later - earlier for earlier, later in zip(sampler.times, sampler.times[1:])]
+    assert len(sampler.times) == 4 and min(gaps) >= 0.2 * 0.95, gaps
+    assert len(gateway.bodies) == 4 and spool.pending() == []
+
+
+@pytest.mark.parametrize("failure", ["disk-full", "psutil"])
+def test_a_failing_round_is_logged_and_the_agent_goes_on(tmp_path, agent_log, monkeypatch, failure):
+    port = free_port()
+    gateway = Gateway(port)
+    spool = Spool(tmp_path / "spool", max_bytes=10**6)
+    if failure == "disk-full":
+        sampler = StubSampler()
+        add, calls = spool.add, []
+
+        def add_once_full(rows):
+            calls.append(rows)
+            if len(calls) == 1:
+                raise OSError(28, "No space left on device")
+            return add(rows)
+
+        monkeypatch.setattr(spool, "add", add_once_full)
+        reason = "No space left on device"
+    else:
+        sampler = StubSampler(fail_first=1, error=psutil.AccessDenied(pid=1, name="probe"))
+        reason = "AccessDenied"
+    agent = _agent(spool, port, sampler=sampler, interval=0.1)
+    try:
+        assert agent.run(count=3) == 0
+    finally:
+        gateway.close()
+    assert agent.samples == 2 and len(gateway.bodies) == 2
+    assert "sample lost" in agent_log.text and reason in agent_log.text
+    assert "agent stopped: 2 samples, 2 batches delivered" in agent_log.text
+
+
+def test_credentials_in_the_url_are_never_logged(tmp_path, receiver, agent_log):
+    receiver.reply(200, b'{"accepted": 3, "rejected_count": 0, "rejected": []}')
+    spool = Spool(tmp_path / "spool", max_bytes=10**6)
+    spool.add(_rows("2026-11-02T10:00:00.000Z"))
+    url = f"http://ci-user:Hunter2-pw@127.0.0.1:{receiver.port}"
+    agent = Agent(spool, url, sampler=StubSampler(), interval=0.05, timeout=5.0,
+                  backoff=Backoff(base=0.02, cap=0.1))
+    assert agent.run(count=1) == 1  # the sample's batch meets the default "ok": not an answer
+    assert "Hunter2-pw" not in agent_log.text and "ci-user" not in agent_log.text
+    assert f"pushing to http://127.0.0.1:{receiver.port}/api/v1/metrics" in agent_log.text
+    # The credentials leave the URL and travel as HTTP Basic (there is no token here).
+    first = receiver.requests[0]
+    assert first["headers"]["Authorization"] == "Basic Y2ktdXNlcjpIdW50ZXIyLXB3"
+    assert first["path"] == "/api/v1/metrics"

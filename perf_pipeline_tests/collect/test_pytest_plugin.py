@@ -12,8 +12,10 @@ import duckdb
 import pytest
 
 from perf_pipeline.cli import main
+from perf_pipeline.collect.pytest_plugin import PUSH_BATCH_ROWS, write_new
 from perf_pipeline.defs.runner import run_pipeline
 from perf_pipeline_tests.conftest import free_port
+from perf_pipeline_tests.collect.test_agent import RawReply
 
 SAMPLE_SUITE = {
     "pytest.ini": "[pytest]\nmarkers =\n    smoke: quick checks\n",
@@ -300,3 +302,58 @@ def test_inert_unless_asked_and_the_environment_can_ask(tmp_path):
     listed = run_suite(suite, "--collect-only", f"--perf-collect={tmp_path / 'listed'}")
     assert listed.returncode == 0 and "perf-collect: no test ran, no rows written" in listed.stdout
     assert not (tmp_path / "listed").exists()
+
+
+def test_a_broken_answer_and_credentials_in_the_url_leave_rows_in_the_fallback_unlogged(tmp_path):
+    server = RawReply(b"HELLO WORLD\r\n\r\n")  # http.client: BadStatusLine
+    suite = passing_suite(tmp_path / "suite")
+    fallback = tmp_path / "unsent"
+    try:
+        done = run_suite(suite, f"--perf-collect=http://ci-user:Hunter2-pw@127.0.0.1:{server.port}",
+                         f"--perf-collect-fallback={fallback}")
+    finally:
+        server.close()
+    assert done.returncode == 0, done.stdout[-3000:]
+    assert server.requests == 1
+    (kept,) = fallback.iterdir()
+    assert len(read_rows(kept)) == 10
+    assert f"push to http://127.0.0.1:{server.port} failed" in done.stdout
+    assert "Hunter2-pw" not in done.stdout + done.stderr and "ci-user" not in done.stdout
+    assert "Traceback" not in done.stdout + done.stderr
+
+
+def test_rejected_rows_the_gateway_does_not_list_keep_the_whole_batch(tmp_path, receiver):
+    assert PUSH_BATCH_ROWS <= 1000  # the gateway lists at most 1000 rejected rows
+    receiver.reply(200, json.dumps({"accepted": 7, "rejected_count": 3, "rejected": [
+        {"line": 2, "reason": "timestamp is more than 1 day ahead"}]}).encode())
+    suite = passing_suite(tmp_path / "suite")
+    done = run_suite(suite, f"--perf-collect=http://127.0.0.1:{receiver.port}")
+    assert done.returncode == 0
+    sent = [json.loads(line) for line in receiver.requests[0]["body"].decode().splitlines()]
+    (kept,) = (suite / ".perf-collect-unsent").iterdir()
+    assert read_rows(kept) == sent
+    assert "accepted 7 rows and rejected 3" in done.stdout
+    assert "2 rejected rows were not listed" in done.stdout
+
+
+def test_writers_racing_for_one_name_each_get_their_own_file(tmp_path):
+    import threading
+
+    bodies = [f"run {i}\n".encode() for i in range(8)]
+    paths = [None] * len(bodies)
+    start = threading.Barrier(len(bodies))
+
+    def write(index):
+        start.wait()
+        paths[index] = write_new(tmp_path / "out", "pytest-run-1", bodies[index])
+
+    threads = [threading.Thread(target=write, args=(i,)) for i in range(len(bodies))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(set(paths)) == len(bodies)
+    assert {path.name for path in paths} == {"pytest-run-1.jsonl"} | {
+        f"pytest-run-1-{n}.jsonl" for n in range(2, len(bodies) + 1)}
+    assert [path.read_bytes() for path in paths] == bodies
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(p.name for p in paths)

@@ -3,12 +3,10 @@ spoken to over real HTTP on loopback; what it accepts is then loaded by the real
 
 import json
 import os
-import socket
 import subprocess
 import sys
+import socket
 import time
-import urllib.error
-import urllib.request
 from datetime import datetime, timedelta, timezone
 
 import pytest
@@ -17,7 +15,13 @@ from perf_pipeline.cli import main
 from perf_pipeline.collect.push import PushError, push_bytes, push_rows
 from perf_pipeline.defs.runner import run_pipeline
 from perf_pipeline.storage.warehouse import open_warehouse
-from perf_pipeline_tests.conftest import free_port, metric_row, stop_process_group
+from perf_pipeline_tests.conftest import (
+    free_port,
+    metric_row,
+    start_gateway,
+    stop_process_group,
+    wait_until_serving,
+)
 
 TOKEN = "gateway-test-token-0123456789"
 
@@ -25,24 +29,10 @@ TOKEN = "gateway-test-token-0123456789"
 @pytest.fixture
 def gateway(paths):
     port = free_port()
-    env = {**os.environ, "PERF_API_TOKEN": TOKEN}
-    process = subprocess.Popen(
-        [sys.executable, "-m", "perf_pipeline.cli", "serve", "--port", str(port),
-         "--max-body-mb", "1"],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    process = start_gateway(port, {**os.environ, "PERF_API_TOKEN": TOKEN},
+                            arguments=("--max-body-mb", "1"))
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            with urllib.request.urlopen(f"{url}/healthz", timeout=2) as response:
-                assert json.loads(response.read()) == {"status": "ok"}
-                break
-        except (urllib.error.URLError, ConnectionError):
-            if process.poll() is not None or time.monotonic() > deadline:
-                output = process.stdout.read().decode() if process.poll() is not None else ""
-                stop_process_group(process) if process.poll() is None else None
-                pytest.fail(f"gateway did not start: {output}")
-            time.sleep(0.2)
+    wait_until_serving(url, process)
     yield url
     stop_process_group(process)
     output = process.stdout.read().decode()
@@ -184,3 +174,41 @@ def test_serve_refuses_unsafe_settings(paths, monkeypatch, capsys, arguments, en
         monkeypatch.setenv(name, value)
     assert main(["serve", "--port", str(free_port()), *arguments]) == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_the_pytest_plugin_pushes_through_the_gateway_into_duckdb(gateway, paths, tmp_path):
+    """The whole collection path with real parts: a test suite run by pytest with the plugin
+    pushing to the gateway, the gateway landing the rows, the pipeline loading them."""
+    suite = tmp_path / "suite"
+    suite.mkdir()
+    (suite / "test_sample.py").write_text(
+        "import time\n\n"
+        "def test_fast():\n    assert True\n\n"
+        "def test_slow():\n    time.sleep(0.2)\n\n"
+        "def test_broken():\n    assert 1 == 2\n")
+    env = {key: value for key, value in os.environ.items()
+           if not key.startswith(("GITHUB_", "JENKINS", "GITLAB", "CI_", "PERF_"))}
+    env.update(PERF_API_TOKEN=TOKEN, PERF_TEST_RUN_ID="plugin-e2e", PERF_NODE_ID="node-e2e")
+    done = subprocess.run([sys.executable, "-m", "pytest", str(suite), "-q", "-p", "no:cacheprovider",
+                           f"--perf-collect={gateway}"], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1, done.stdout  # test_broken fails; collection changes nothing
+    assert not (tmp_path / ".perf-collect-unsent").exists(), done.stdout
+
+    run_pipeline(paths)
+    with open_warehouse(paths.database, read_only=True) as warehouse:
+        durations = dict(warehouse.con.execute(
+            "SELECT test_name, metric_value FROM performance_metrics "
+            "WHERE metric_name = 'test_execution_time' AND test_run_id = 'plugin-e2e'").fetchall())
+        session = dict(warehouse.con.execute(
+            "SELECT metric_name, metric_value FROM performance_metrics "
+            "WHERE test_name IS NULL AND node_id = 'node-e2e'").fetchall())
+        quarantined = warehouse.con.execute("SELECT count(*) FROM quarantined_metrics").fetchall()[0][0]
+    assert set(durations) == {f"suite/test_sample.py::{name}" for name in ("test_fast", "test_slow", "test_broken")} \
+        or set(durations) == {f"test_sample.py::{name}" for name in ("test_fast", "test_slow", "test_broken")}
+    slow = next(value for name, value in durations.items() if name.endswith("test_slow"))
+    assert slow >= 0.2
+    assert session["test_count"] == 3
+    assert session["test_pass_rate"] == pytest.approx(200 / 3)
+    assert quarantined == 0

@@ -212,3 +212,33 @@ def test_the_pytest_plugin_pushes_through_the_gateway_into_duckdb(gateway, paths
     assert session["test_count"] == 3
     assert session["test_pass_rate"] == pytest.approx(200 / 3)
     assert quarantined == 0
+
+
+def test_gateway_takes_junit_xml_and_benchmark_json_with_query_defaults(gateway, paths):
+    stamp = _iso(datetime.now(timezone.utc) - timedelta(hours=2))
+    junit = (f'<testsuite name="pytest" timestamp="{stamp}" time="3.0">'
+             '<testcase classname="tests.test_api" name="test_ok" file="tests/test_api.py" time="1.5"/>'
+             '<testcase classname="tests.test_api" name="test_bad" file="tests/test_api.py" time="1.0">'
+             '<failure message="boom"/></testcase></testsuite>').encode()
+    result = push_bytes(f"{gateway}/api/v1/metrics?node_id=ci-7&test_run_id=junit-run&test_type=unit",
+                        junit, content_type="application/xml", token=TOKEN)
+    assert result.status == 200 and result.rejected == []
+    landed = [json.loads(line) for path in paths.landing.rglob("gateway-*.jsonl")
+              for line in path.read_text().splitlines()]
+    durations = {r["test_name"]: r for r in landed if r["metric_name"] == "test_execution_time"}
+    assert set(durations) == {"tests/test_api.py::test_ok", "tests/test_api.py::test_bad"}
+    assert {(r["node_id"], r["test_run_id"], r["test_type"]) for r in landed} == {("ci-7", "junit-run", "unit")}
+    assert durations["tests/test_api.py::test_bad"]["context_data"]["outcome"] == "failed"
+
+    benchmark = json.dumps({
+        "machine_info": {"node": "bench-1"}, "commit_info": {"id": "abc123", "branch": "main"},
+        "datetime": stamp, "version": "5.1.0",
+        "benchmarks": [{"group": None, "name": "test_sort", "fullname": "tests/test_perf.py::test_sort",
+                        "params": None, "stats": {"min": 0.001, "max": 0.003, "mean": 0.002,
+                                                  "stddev": 0.0003, "rounds": 100, "median": 0.0019,
+                                                  "iqr": 0.0002}}]}).encode()
+    result = push_bytes(gateway, benchmark, content_type="application/json", token=TOKEN)
+    assert result.status == 200 and result.accepted == 1
+    # A document that is not JSON at all is one rejected record with a reason, not a 500.
+    broken = push_bytes(gateway, b"{not json", content_type="application/json", token=TOKEN)
+    assert broken.status == 422 and "not valid JSON" in broken.rejected[0]["reason"]

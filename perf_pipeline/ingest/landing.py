@@ -60,9 +60,30 @@ def landed_days(landing: Path) -> list[date]:
                   if p.is_dir() and _DAY_FOLDER.match(p.name) and day_files(landing, date.fromisoformat(p.name)))
 
 
+# Checksums of landing files by (path, size, modification time): the landing sensor asks for
+# the whole archive's state every few seconds, and re-reading every file each time grows
+# with the archive. A file that is replaced gets a new mtime (writes are renames), so a
+# stale entry is never used; the cache lives as long as the process (the daemon's code
+# server) and is bounded.
+_CHECKSUMS: dict[tuple[str, int, int], str] = {}
+_CHECKSUM_CACHE_LIMIT = 200_000
+
+
+def file_checksum(path: Path) -> str:
+    stat = path.stat()
+    key = (str(path), stat.st_size, stat.st_mtime_ns)
+    known = _CHECKSUMS.get(key)
+    if known is None:
+        known = checksum(path.read_bytes())
+        if len(_CHECKSUMS) >= _CHECKSUM_CACHE_LIMIT:
+            _CHECKSUMS.clear()
+        _CHECKSUMS[key] = known
+    return known
+
+
 def landing_state(landing: Path) -> dict[date, dict[str, str]]:
     """{day: {path relative to landing: checksum}} of everything in the archive now."""
-    return {day: {_relative(landing, p): checksum(p.read_bytes()) for p in day_files(landing, day)}
+    return {day: {_relative(landing, p): file_checksum(p) for p in day_files(landing, day)}
             for day in landed_days(landing)}
 
 

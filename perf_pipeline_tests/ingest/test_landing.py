@@ -167,3 +167,21 @@ def test_atomic_write_leaves_no_partial_or_temporary_file(tmp_path):
 def test_unsupported_format_is_a_clear_error():
     with pytest.raises(UnsupportedFormatError, match="unsupported format .parquet"):
         stage_bytes(b"", suffix=".parquet", source_file="x.parquet")
+
+
+def test_landing_state_sees_a_replaced_file(tmp_path):
+    """Checksums are cached by size and mtime; a file replaced in place is hashed again."""
+    import os
+
+    from perf_pipeline.ingest.landing import landing_state
+
+    landing = tmp_path / "landing"
+    target = landing / "2026-11-01" / "a.jsonl"
+    write_atomic(target, b'{"x": 1}\n')
+    first = landing_state(landing)
+    stat = target.stat()
+    write_atomic(target, b'{"x": 2}\n')  # same size
+    os.utime(target, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))
+    second = landing_state(landing)
+    assert first != second
+    assert second == landing_state(landing)

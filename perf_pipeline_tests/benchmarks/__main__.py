@@ -1,0 +1,3 @@
+from perf_pipeline_tests.benchmarks.scale import main
+
+main()

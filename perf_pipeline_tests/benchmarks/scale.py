@@ -1,0 +1,188 @@
+"""Scale benchmark: ingest speed against DuckDB's own bulk load, full and incremental
+materialization, memory, and how cost grows with size.
+
+`python -m perf_pipeline_tests.benchmarks [--size S|M|L ...] [--keep DIR]` prints one JSON
+line per figure. Sizes are simulated fleets of about 100k (S), 1M (M) and 10M (L) rows; the
+last simulated day is held back and landed after the full run, to time an incremental
+refresh. The pipeline runs as `perf-pipeline run` subprocesses, as users run it, so each
+phase's peak memory is its own process's. Figures are printed, never asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from perf_pipeline.config import paths_from_env
+from perf_pipeline.ingest.simulator import simulate_fleet
+from perf_pipeline.storage.warehouse import connect
+
+# Target rows, and a fleet whose rows per day make that target in a few weeks.
+SIZES = {
+    "S": (100_000, {"nodes": 20, "tests": 50, "runs_per_day": 12}),
+    "M": (1_000_000, {"nodes": 40, "tests": 100, "runs_per_day": 24}),
+    "L": (10_000_000, {"nodes": 200, "tests": 500, "runs_per_day": 48}),
+}
+
+Emit = Callable[[dict], None]
+
+
+def _print(figure: dict) -> None:
+    print(json.dumps(figure), flush=True)
+
+
+def _cli(arguments: list[str], env: dict) -> tuple[float, float]:
+    """Run `perf-pipeline ARGS`; (wall seconds, peak RSS in MB of that process)."""
+    started = time.perf_counter()
+    process = subprocess.Popen([sys.executable, "-m", "perf_pipeline.cli", *arguments], env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(process.pid, 0)
+    elapsed = time.perf_counter() - started
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise RuntimeError(f"perf-pipeline {' '.join(arguments)} failed: "
+                           f"{process.stderr.read().decode()[-2000:]}")
+    process.stderr.close()
+    return elapsed, usage.ru_maxrss / 1024  # Linux: KiB
+
+
+def _step_seconds(env: dict, since: float) -> dict[str, float]:
+    """Seconds per asset (step) over the runs that started after `since` (epoch seconds)."""
+    os.environ.update({k: env[k] for k in ("PERF_PIPELINE_HOME",)})
+    from perf_pipeline.defs.runner import open_instance
+
+    seconds: dict[str, float] = defaultdict(float)
+    with open_instance(paths_from_env()) as instance:
+        for run in instance.get_runs():
+            stats = instance.get_run_stats(run.run_id)
+            if stats.start_time is None or stats.start_time < since:
+                continue
+            for step in instance.get_run_step_stats(run.run_id):
+                if step.start_time and step.end_time:
+                    seconds[step.step_key] += step.end_time - step.start_time
+    return dict(seconds)
+
+
+def _duckdb_bulk_load(landing: Path) -> tuple[int, float]:
+    """DuckDB's own load of the same landing files into an unindexed copy of the table."""
+    con = connect()
+    try:
+        con.execute("""
+            CREATE TABLE copy (timestamp TIMESTAMP, metric_name VARCHAR, metric_value DOUBLE,
+                test_name VARCHAR, test_type VARCHAR, node_id VARCHAR, node_type VARCHAR,
+                test_run_id VARCHAR, ci_job_id VARCHAR, context_data JSON, unit VARCHAR)
+        """)
+        started = time.perf_counter()
+        con.execute("""
+            INSERT INTO copy SELECT * FROM read_json(?, format = 'newline_delimited',
+                columns = {timestamp: 'TIMESTAMP', metric_name: 'VARCHAR', metric_value: 'DOUBLE',
+                           test_name: 'VARCHAR', test_type: 'VARCHAR', node_id: 'VARCHAR',
+                           node_type: 'VARCHAR', test_run_id: 'VARCHAR', ci_job_id: 'VARCHAR',
+                           context_data: 'JSON', unit: 'VARCHAR'})
+        """, [str(landing / "*" / "*.jsonl")])
+        elapsed = time.perf_counter() - started
+        rows = con.execute("SELECT count(*) FROM copy").fetchall()[0][0]
+    finally:
+        con.close()
+    return int(rows), elapsed
+
+
+def _change_point_throughput(emit: Emit) -> None:
+    from perf_pipeline.analysis.change_points import detect_change_points
+
+    rng = np.random.default_rng(0)
+    series = [rng.lognormal(0, 0.05, 200) * (1 + 0.2 * (np.arange(200) >= 120) * (i % 5 == 0))
+              for i in range(500)]
+    started = time.perf_counter()
+    for values in series:
+        detect_change_points(values)
+    elapsed = time.perf_counter() - started
+    emit({"figure": "change_point_points_per_second", "series": len(series), "points": 200 * len(series),
+          "seconds": round(elapsed, 3), "points_per_second": round(200 * len(series) / elapsed)})
+
+
+def run_size(size: str, workdir: Path, emit: Emit = _print) -> dict:
+    target, fleet = SIZES[size]
+    probe = simulate_fleet(workdir / "probe", days=1, seed=3, **fleet)
+    days = max(3, round(target / probe.rows))
+    shutil.rmtree(workdir / "probe")
+
+    started = time.perf_counter()
+    simulated = simulate_fleet(workdir / "fleet", days=days, seed=3, **fleet)
+    emit({"size": size, "figure": "simulated", "rows": simulated.rows, "days": days, **fleet,
+          "seconds": round(time.perf_counter() - started, 2)})
+    day_folders = sorted(p for p in (workdir / "fleet").iterdir() if p.is_dir())
+    held_back = workdir / "held_back"
+    held_back.mkdir()
+    shutil.move(str(day_folders[-1]), held_back / day_folders[-1].name)
+
+    env = {**os.environ, "PERF_PIPELINE_HOME": str(workdir / "home")}
+    env.pop("DAGSTER_HOME", None)
+    env.pop("PERF_PIPELINE_DATABASE", None)
+    seconds, _ = _cli(["ingest", str(workdir / "fleet")], env)
+    landing = workdir / "home" / "landing"
+    rows_landed = sum(1 for path in landing.rglob("*.jsonl") for _ in path.open("rb"))
+    emit({"size": size, "figure": "ingest_to_landing", "rows": rows_landed,
+          "seconds": round(seconds, 2), "rows_per_second": round(rows_landed / seconds)})
+
+    since = time.time()
+    full_wall, full_peak = _cli(["run"], env)
+    steps = _step_seconds(env, since)
+    raw_seconds = steps.get("raw_metrics", float("nan"))
+    duck_rows, duck_seconds = _duckdb_bulk_load(landing)
+    ours, theirs = rows_landed / raw_seconds, duck_rows / duck_seconds
+    emit({"size": size, "figure": "ingest_vs_duckdb_bulk_load", "rows": rows_landed,
+          "raw_metrics_seconds": round(raw_seconds, 2), "raw_metrics_rows_per_second": round(ours),
+          "duckdb_read_json_seconds": round(duck_seconds, 2), "duckdb_rows_per_second": round(theirs),
+          "ratio": round(ours / theirs, 3)})
+    emit({"size": size, "figure": "full_materialization", "rows": rows_landed,
+          "wall_seconds": round(full_wall, 1), "peak_memory_mb": round(full_peak),
+          "seconds_per_asset": {k: round(v, 2) for k, v in sorted(steps.items(), key=lambda kv: -kv[1])}})
+
+    shutil.move(str(held_back / day_folders[-1].name), workdir / "fleet" / day_folders[-1].name)
+    _cli(["ingest", str(workdir / "fleet" / day_folders[-1].name)], env)
+    since = time.time()
+    incremental_wall, incremental_peak = _cli(["run"], env)
+    emit({"size": size, "figure": "incremental_refresh", "new_days": 1,
+          "wall_seconds": round(incremental_wall, 1), "peak_memory_mb": round(incremental_peak),
+          "share_of_full": round(incremental_wall / full_wall, 3),
+          "seconds_per_asset": {k: round(v, 2) for k, v in sorted(
+              _step_seconds(env, since).items(), key=lambda kv: -kv[1])}})
+    return {"rows": rows_landed, "full_wall": full_wall}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m perf_pipeline_tests.benchmarks",
+                                     description=__doc__.splitlines()[0])
+    parser.add_argument("--size", nargs="+", choices=sorted(SIZES), default=["S"])
+    parser.add_argument("--keep", help="work in this folder and keep it (default: a temporary one)")
+    args = parser.parse_args(argv)
+    results = {}
+    for size in args.size:
+        if args.keep:
+            workdir = Path(args.keep) / size
+            shutil.rmtree(workdir, ignore_errors=True)
+            workdir.mkdir(parents=True)
+            results[size] = run_size(size, workdir)
+        else:
+            with tempfile.TemporaryDirectory(prefix=f"perf-bench-{size}-") as folder:
+                results[size] = run_size(size, Path(folder))
+    if "M" in results and "L" in results:
+        m, l_ = results["M"], results["L"]
+        _print({"figure": "cost_growth_L_over_M", "rows_ratio": round(l_["rows"] / m["rows"], 2),
+                "wall_ratio": round(l_["full_wall"] / m["full_wall"], 2)})
+    _change_point_throughput(_print)
+
+
+if __name__ == "__main__":
+    main()

@@ -63,7 +63,7 @@ def decompose(series: pd.Series, *, weekly: bool) -> list[dict]:
 def seasonal_profiles(hourly: pd.DataFrame) -> pd.DataFrame:
     """`hourly` has hour, metric_name, node_id, value (node-scope metrics). Rows per node
     (daily cycle, from three days) and per metric fleet-wide (node_id empty; daily, and
-    weekly from two weeks)."""
+    weekly from more than two weeks)."""
     rows = []
     for (metric, node), frame in hourly.groupby(["metric_name", "node_id"], sort=True):
         grid = hourly_grid(frame["hour"], frame["value"])
@@ -74,5 +74,7 @@ def seasonal_profiles(hourly: pd.DataFrame) -> pd.DataFrame:
         grid = hourly_grid(frame["hour"], frame["value"])
         if grid is not None and len(grid) >= 3 * DAY:
             rows += [{"metric_name": metric, "node_id": None, **r}
-                     for r in decompose(grid, weekly=len(grid) >= 2 * WEEK)]
+                     # MSTL drops a period unless it is under half the series: a weekly
+                     # cycle needs more than two whole weeks.
+                     for r in decompose(grid, weekly=len(grid) > 2 * WEEK)]
     return pd.DataFrame(rows, columns=PROFILE_COLUMNS)

@@ -43,3 +43,14 @@ def test_series_with_too_many_gaps_or_too_short_are_skipped():
     assert hourly_grid(gappy["hour"], gappy["value"]) is None
     short = _frame("cpu_usage", "n2", values).iloc[:48]
     assert seasonal_profiles(short).empty
+
+
+def test_exactly_two_weeks_of_hours_gives_a_daily_profile_without_error():
+    """MSTL drops the weekly period at exactly two weeks (336 hours); that length used to
+    crash the fleet-wide decomposition."""
+    hours = pd.date_range("2026-11-01", periods=14 * 24, freq="h")
+    values = 50 + 10 * np.sin(2 * np.pi * hours.hour / 24)
+    hourly = pd.DataFrame({"hour": hours, "metric_name": "cpu_usage", "node_id": "n1", "value": values})
+    profiles = seasonal_profiles(hourly)
+    fleet = profiles[profiles["node_id"].isna()]
+    assert set(fleet["cycle"]) == {"daily"}

@@ -1,6 +1,7 @@
 """Analysis over the rolling window: trend_stats, change_points, seasonal_profiles,
 anomalies, metric_correlations and regression_causes."""
 
+from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
 
 import dagster as dg
@@ -25,6 +26,7 @@ from perf_pipeline.report.markdown import (
     outlier_node_table,
     trend_table,
 )
+from perf_pipeline.report import plots
 from perf_pipeline.storage.warehouse import Warehouse
 
 _TRENDS = TrendSettings()
@@ -76,6 +78,18 @@ def _disabled(context: dg.AssetExecutionContext, setting: str) -> dg.Materialize
     return dg.MaterializeResult(metadata={"disabled_by": dg.MetadataValue.text(setting)})
 
 
+def plot_metadata(context: dg.AssetExecutionContext, name: str,
+                  draw: Callable[[], str | None]) -> dict[str, dg.MetadataValue]:
+    """`{name: markdown}` with the images `draw` returns; nothing when it has no data or fails:
+    a plot is an extra that never fails the asset."""
+    try:
+        markdown = draw()
+    except Exception as error:  # any plotting error costs only the plot
+        context.log.warning(f"{name}: the plot could not be drawn: {error!r}")
+        return {}
+    return {name: dg.MetadataValue.md(markdown)} if markdown else {}
+
+
 def _window_series(context: dg.AssetExecutionContext, config: WindowConfig,
                    wh: Warehouse) -> tuple[datetime, datetime, pd.DataFrame]:
     """The window and every series in it, as `regressions.build_series` arranges them."""
@@ -99,12 +113,15 @@ def trend_stats(context: dg.AssetExecutionContext, config: TrendConfig,
         raise dg.Failure("trend_stats config: alpha must be in (0, 1)")
     with warehouse.open() as wh:
         window_start, window_end = analysis_window(context, config, wh)
+        daily = wh.daily_series(window_start, window_end)
         table = compute_trend_stats(
-            wh.daily_series(window_start, window_end), window_start=window_start,
+            daily, window_start=window_start,
             window_end=window_end, computed_at=utc_now(), alpha=config.alpha,
             min_change_percent=config.min_change_percent, min_days=config.min_days)
         wh.replace_table("trend_stats", table)
         degrading = wh.top_trends(direction="degrading", limit=15)
+        plot = plot_metadata(context, "plot_trends", lambda: plots.trend_markdown(
+            daily, table, degrading, wh.incidents_and_changes()[1], wh.table("anomalies")))
     counts = table["trend_direction"].value_counts()
     return dg.MaterializeResult(metadata={
         "series": dg.MetadataValue.int(len(table)),
@@ -113,6 +130,7 @@ def trend_stats(context: dg.AssetExecutionContext, config: TrendConfig,
         "window": dg.MetadataValue.text(f"{window_start:%Y-%m-%d %H:%M} → {window_end:%Y-%m-%d %H:%M} UTC"),
         "top_degrading": dg.MetadataValue.md(
             trend_table(degrading) if len(degrading) else "no significant degrading trend"),
+        **plot,
     })
 
 
@@ -135,7 +153,12 @@ def change_points(context: dg.AssetExecutionContext, config: ChangePointConfig,
         wh.replace_table("change_points", changes.assign(computed_at=computed_at))
         wh.replace_table("change_incidents", incidents.assign(computed_at=computed_at))
         top = wh.top_incidents(limit=15)
+        known_anomalies = wh.table("anomalies")
     regressions = changes[changes["kind"] == "regression"]
+    plot = {**plot_metadata(context, "plot_change_points",
+                            lambda: plots.change_point_markdown(series, changes, known_anomalies)),
+            **plot_metadata(context, "plot_regressions",
+                            lambda: plots.regression_markdown(series, changes))}
     return dg.MaterializeResult(metadata={
         "series": dg.MetadataValue.int(int(series.groupby(
             ["scope", "metric_name", "test_name", "node_id"], dropna=False).ngroups)),
@@ -143,6 +166,7 @@ def change_points(context: dg.AssetExecutionContext, config: ChangePointConfig,
         "regressions": dg.MetadataValue.int(len(regressions)),
         "incidents": dg.MetadataValue.int(len(incidents)),
         "top_incidents": dg.MetadataValue.md(incident_table(top) if len(top) else "no change point"),
+        **plot,
     })
 
 
@@ -236,6 +260,7 @@ def metric_correlations(context: dg.AssetExecutionContext, config: WindowConfig,
             correlation_table(strongest) if len(strongest) else "no strong correlation"),
         "configuration_effects": dg.MetadataValue.md(
             configuration_table(largest) if len(largest) else "no large configuration effect"),
+        **plot_metadata(context, "plot_correlations", lambda: plots.correlation_markdown(pairs)),
     })
 
 

@@ -12,8 +12,9 @@ from pydantic import Field
 from perf_pipeline.analysis import nodes
 from perf_pipeline.analysis.forecasting import fit_forecaster, load_forecaster, save_forecaster
 from perf_pipeline.catalog import METRICS, Scope, get_metric
-from perf_pipeline.defs.analysis import WindowConfig, analysis_window, utc_now
+from perf_pipeline.defs.analysis import WindowConfig, analysis_window, plot_metadata, utc_now
 from perf_pipeline.defs.resources import ModelStoreResource, WarehouseResource
+from perf_pipeline.report import plots
 from perf_pipeline.report.markdown import forecast_table, model_table, ranking_table, risk_table
 
 # Forecast by default: every critical and high-importance metric, and each node's key
@@ -125,7 +126,7 @@ def performance_forecasts(context: dg.AssetExecutionContext, config: ForecastCon
                           warehouse: WarehouseResource) -> dg.MaterializeResult:
     if config.horizon_days < 1:
         raise dg.Failure("performance_forecasts config: horizon_days must be >= 1")
-    frames, missing = [], []
+    frames, histories, missing = [], [], []
     with warehouse.open() as wh:
         window_start, window_end = analysis_window(context, config, wh)
         for model in wh.latest_models().itertuples():
@@ -136,6 +137,7 @@ def performance_forecasts(context: dg.AssetExecutionContext, config: ForecastCon
                                     model.metric_name)
             if points.empty:
                 continue
+            histories.append(points[["series", "hour", "value"]].assign(metric_name=model.metric_name))
             forecast = load_forecaster(model.file).forecast(
                 points, origin=window_end, horizon_hours=24 * config.horizon_days)
             metric = get_metric(model.metric_name)  # a forecast stays within the metric's range
@@ -157,6 +159,8 @@ def performance_forecasts(context: dg.AssetExecutionContext, config: ForecastCon
         "horizon_end": dg.MetadataValue.text(
             f"{(window_end + timedelta(days=config.horizon_days)):%Y-%m-%d %H:%M} UTC"),
         "fleet_at_horizon": dg.MetadataValue.md(forecast_table(end) if len(end) else "no forecast"),
+        **plot_metadata(context, "plot_forecast", lambda: plots.forecast_markdown(
+            pd.concat(histories, ignore_index=True), table) if histories else None),
     })
 
 
@@ -198,6 +202,7 @@ def node_performance_scores(context: dg.AssetExecutionContext, config: WindowCon
         "overall_ranking": dg.MetadataValue.md(ranking_table(ranking) if len(ranking) else "no node"),
         "least_stable": dg.MetadataValue.md(
             ranking_table(stability.tail(5)) if len(stability) else "no node"),
+        **plot_metadata(context, "plot_heatmap", lambda: plots.speed_heatmap_markdown(speed)),
     })
 
 

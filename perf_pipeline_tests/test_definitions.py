@@ -11,6 +11,7 @@ ASSET_GROUPS = {
                "node_health_risk"),
     "actions": ("optimization_recommendations", "optimization_actions"),
     "alerts": ("regression_alerts",),
+    "reports": ("performance_dashboard",),
 }
 # Everything the analysis job materializes after ingest, and the group each one shows in.
 ANALYSIS_ASSETS = tuple(name for names in ASSET_GROUPS.values() for name in names)
@@ -38,6 +39,14 @@ def test_writers_share_the_duckdb_pool_and_carry_descriptions():
     for key in ("raw_metrics", "normalized_timeseries", *ANALYSIS_ASSETS):
         node = defs.resolve_assets_def(key).node_def
         assert node.pool == "duckdb", key
+
+
+def test_every_refresh_of_the_analysis_rebuilds_the_dashboard():
+    for job in ("analysis_job", "daily_refresh_job", "alerting_job"):
+        keys = defs.resolve_job_def(job).asset_layer.executable_asset_keys
+        assert dg.AssetKey("performance_dashboard") in keys, job
+    assert defs.resolve_assets_def("performance_dashboard").specs_by_key[
+        dg.AssetKey("performance_dashboard")].kinds == {"duckdb", "html"}
 
 
 def test_checks_guard_the_ingest_stages():

@@ -53,8 +53,10 @@ model_training_job = dg.define_asset_job(
 alerting_job = dg.define_asset_job(
     "alerting_job",
     selection=dg.AssetSelection.assets("trend_stats", "change_points", "metric_correlations",
-                                       "regression_causes", "regression_alerts"),
-    description="What new data can raise an alert about: trends, change points, causes, outbox.",
+                                       "regression_causes", "regression_alerts",
+                                       "performance_dashboard"),
+    description="What new data can raise an alert about: trends, change points, causes, outbox; "
+                "then the dashboard, so it shows them.",
     # Its steps run one at a time anyway (the duckdb pool); in one process they skip a
     # process start each, which is most of the time between landing and the alert.
     executor_def=dg.in_process_executor,

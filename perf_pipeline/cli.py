@@ -334,6 +334,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_dashboard(args: argparse.Namespace) -> int:
+    from perf_pipeline.server.app import serve, settings_from_env
+
+    paths = paths_from_env().ensure()
+    settings = settings_from_env(paths.landing, host=args.host, port=args.port,
+                                 no_auth=args.no_auth, serve_dashboard=True,
+                                 max_body_bytes=int(args.max_body_mb * 1024 * 1024))
+    print(f"dashboard on http://{settings.host}:{settings.port}/ (file: {settings.dashboard}); "
+          f"JSON API under /api/v1/; auth: {'off' if settings.token is None else 'bearer token'}",
+          flush=True)
+    serve(settings)
+    return 0
+
+
 def cmd_agent(args: argparse.Namespace) -> int:
     from perf_pipeline.collect.agent import run_from_args
 
@@ -425,7 +439,7 @@ def build_parser() -> argparse.ArgumentParser:
     gate.set_defaults(handler=cmd_gate)
 
     server = commands.add_parser(
-        "serve", help="the metrics gateway: POST /api/v1/metrics writes rows to landing/")
+        "serve", help="the metrics gateway (POST /api/v1/metrics) and the JSON API (/api/v1/...)")
     server.add_argument("--host", default="127.0.0.1",
                         help="address to bind (default 127.0.0.1; anything else needs a token)")
     server.add_argument("--port", type=int, default=8080)
@@ -434,6 +448,17 @@ def build_parser() -> argparse.ArgumentParser:
     server.add_argument("--max-body-mb", type=float, default=16.0,
                         help="largest request body accepted, in MiB (default 16)")
     server.set_defaults(handler=cmd_serve)
+
+    dashboard = commands.add_parser(
+        "dashboard", help="serve the latest dashboard at / with the JSON API and the gateway")
+    dashboard.add_argument("--host", default="127.0.0.1",
+                           help="address to bind (default 127.0.0.1; anything else needs a token)")
+    dashboard.add_argument("--port", type=int, default=8080)
+    dashboard.add_argument("--no-auth", action="store_true",
+                           help="accept requests without a token (loopback addresses only)")
+    dashboard.add_argument("--max-body-mb", type=float, default=16.0,
+                           help="largest metrics batch accepted, in MiB (default 16)")
+    dashboard.set_defaults(handler=cmd_dashboard)
 
     from perf_pipeline.collect.agent import add_arguments as add_agent_arguments
 

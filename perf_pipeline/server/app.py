@@ -1,13 +1,21 @@
 """One Starlette app for everything perf_pipeline serves over HTTP, and how to run it.
 
-Every `/api/` route needs `Authorization: Bearer <PERF_API_TOKEN>` (compared in constant
-time); `/healthz` does not. The server binds 127.0.0.1 unless told otherwise, and refuses to
-start without a token unless it is bound to loopback and started with `--no-auth`.
+Every `/api/` route (the metrics gateway and the JSON API) needs `Authorization: Bearer
+<PERF_API_TOKEN>` (compared in constant time); `/healthz` does not. The server binds 127.0.0.1
+unless told otherwise, and refuses to start without a token unless it is bound to loopback
+and started with `--no-auth`.
+
+`perf-pipeline dashboard` also serves the latest `reports/performance_dashboard.html` at `/`.
+A browser cannot send a bearer header, so with a token set `/` shows a small form: the token
+is POSTed to `/login` (never put in a URL, where access logs and browser history would keep
+it) and answered with an HttpOnly, SameSite=Strict cookie. The cookie holds an HMAC of the
+token, not the token: it opens the dashboard page and nothing else, never the API.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import hmac
 import ipaddress
 import os
@@ -15,19 +23,24 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
+from urllib.parse import parse_qs
 
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
-from starlette.responses import JSONResponse
+from starlette.requests import Request
+from starlette.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from perf_pipeline.config import partitions_start_date
+from perf_pipeline.config import MONITORING_FILE, partitions_start_date, paths_from_env
+from perf_pipeline.server.api import ReadApi, internal_error
 from perf_pipeline.server.gateway import MetricsGateway
 
 TOKEN_ENV = "PERF_API_TOKEN"
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_MAX_BODY_BYTES = 16 * 1024 * 1024
+DASHBOARD_FILE = "performance_dashboard.html"
+SESSION_COOKIE = "perf_pipeline_session"
 
 
 class ServerConfigError(ValueError):
@@ -41,6 +54,11 @@ class ServerSettings:
     host: str = DEFAULT_HOST
     port: int = 8080
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    # The JSON API reads `database` and writes `monitoring_file`; `dashboard` (the HTML file
+    # served at `/`) is set only by `perf-pipeline dashboard`.
+    database: Path | None = None
+    monitoring_file: Path | None = None
+    dashboard: Path | None = None
 
 
 def is_loopback(host: str) -> bool:
@@ -54,9 +72,11 @@ def is_loopback(host: str) -> bool:
 
 def settings_from_env(landing: Path, *, host: str, port: int, no_auth: bool,
                       max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
-                      environ: dict | None = None) -> ServerSettings:
-    """The server's settings, refusing the unsafe ones with a message that says what to do."""
+                      environ: dict | None = None, serve_dashboard: bool = False) -> ServerSettings:
+    """The server's settings, refusing the unsafe ones with a message that says what to do.
+    The database, perf_pipeline.yaml and dashboard file are PERF_PIPELINE_HOME's."""
     environ = os.environ if environ is None else environ
+    paths = paths_from_env(environ)
     token = environ.get(TOKEN_ENV) or None
     if no_auth:
         if not is_loopback(host):
@@ -71,7 +91,9 @@ def settings_from_env(landing: Path, *, host: str, port: int, no_auth: bool,
     if max_body_bytes <= 0:
         raise ServerConfigError("the body size limit must be positive")
     return ServerSettings(landing=landing, token=token, host=host, port=port,
-                          max_body_bytes=max_body_bytes)
+                          max_body_bytes=max_body_bytes, database=paths.database,
+                          monitoring_file=paths.home / MONITORING_FILE,
+                          dashboard=paths.reports / DASHBOARD_FILE if serve_dashboard else None)
 
 
 class BearerTokenMiddleware:
@@ -94,6 +116,59 @@ class BearerTokenMiddleware:
         await self.app(scope, receive, send)
 
 
+_NO_DASHBOARD_PAGE = """<!doctype html><html><head><meta charset="utf-8"><title>No dashboard yet</title></head>
+<body><h1>No dashboard yet</h1><p>The pipeline has not written a dashboard. Run it
+(<code>perf-pipeline run</code>, or <code>perf-pipeline demo</code>) and reload this page.</p></body></html>"""
+
+_LOGIN_PAGE = """<!doctype html><html><head><meta charset="utf-8"><title>perf_pipeline</title></head>
+<body><h1>perf_pipeline dashboard</h1>{message}<form method="post" action="/login">
+<label>API token <input type="password" name="token" autocomplete="current-password" autofocus></label>
+<button type="submit">Open</button></form></body></html>"""
+
+
+class DashboardPage:
+    """`/`: the latest dashboard file; with a token set, for a browser holding the session
+    cookie (or a client sending the bearer token)."""
+
+    def __init__(self, file: Path, token: str | None):
+        self.file = file
+        self.token = token
+        self.session = (hmac.new(token.encode(), b"perf_pipeline dashboard session",
+                                 hashlib.sha256).hexdigest() if token else None)
+
+    def _allowed(self, request: Request) -> bool:
+        if self.token is None:
+            return True
+        cookie = request.cookies.get(SESSION_COOKIE, "")
+        bearer = request.headers.get("authorization", "")
+        return (hmac.compare_digest(cookie.encode(), self.session.encode())
+                or hmac.compare_digest(bearer.encode(), f"Bearer {self.token}".encode()))
+
+    async def page(self, request: Request) -> Response:
+        if not self._allowed(request):
+            return HTMLResponse(_LOGIN_PAGE.format(message=""), status_code=401)
+        if not self.file.is_file():
+            return HTMLResponse(_NO_DASHBOARD_PAGE, status_code=404)
+        return FileResponse(self.file, media_type="text/html",
+                            headers={"Cache-Control": "no-store"})
+
+    async def login(self, request: Request) -> Response:
+        if self.token is None:
+            return RedirectResponse("/", status_code=303)
+        body = b""
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > 4096:
+                return HTMLResponse(_LOGIN_PAGE.format(message="<p>Form too large.</p>"), status_code=413)
+        sent = parse_qs(body.decode("utf-8", errors="replace")).get("token", [""])[0]
+        if not hmac.compare_digest(sent.encode(), self.token.encode()):
+            return HTMLResponse(_LOGIN_PAGE.format(message="<p>Wrong token.</p>"), status_code=401)
+        response = RedirectResponse("/", status_code=303)
+        response.set_cookie(SESSION_COOKIE, self.session, httponly=True, samesite="strict",
+                            secure=request.url.scheme == "https", path="/")
+        return response
+
+
 def create_app(settings: ServerSettings) -> Starlette:
     gateway = MetricsGateway(settings.landing, max_body_bytes=settings.max_body_bytes,
                              earliest_day=date.fromisoformat(partitions_start_date()))
@@ -105,12 +180,21 @@ def create_app(settings: ServerSettings) -> Starlette:
         finally:
             gateway.close()
 
+    home = paths_from_env()
+    api = ReadApi(settings.database or home.database,
+                  settings.monitoring_file or home.home / MONITORING_FILE)
     routes = [
         Route("/api/v1/metrics", gateway.post_metrics, methods=["POST"]),
+        *api.routes(),
         Route("/healthz", gateway.healthz, methods=["GET"]),
     ]
+    if settings.dashboard is not None:
+        dashboard = DashboardPage(settings.dashboard, settings.token)
+        routes += [Route("/", dashboard.page, methods=["GET"]),
+                   Route("/login", dashboard.login, methods=["POST"])]
     app = Starlette(routes=routes, lifespan=lifespan,
-                    middleware=[Middleware(BearerTokenMiddleware, token=settings.token)])
+                    middleware=[Middleware(BearerTokenMiddleware, token=settings.token)],
+                    exception_handlers={Exception: internal_error})
     app.state.gateway = gateway
     return app
 

@@ -821,3 +821,57 @@ class Warehouse:
 
     def table_counts(self, tables: Sequence[str] = TABLES) -> dict[str, int]:
         return {t: int(self.con.execute(_COUNT_SQL[t]).fetchall()[0][0]) for t in tables}
+
+    # ---------------------------------------------------------------- client and JSON API (issue 7)
+
+    def filtered_daily_levels(self, window_start: datetime, window_end: datetime,
+                              metric_name: str,
+                              filters: Mapping[str, str | Sequence[str]] | None = None
+                              ) -> tuple[pd.DataFrame, int]:
+        """(daily medians of one metric over the points `filters` match, the number of
+        (test, node) series they come from), leveled as daily_series levels its overall
+        series: per-test metrics as ratios to each test's own median in the window."""
+        clauses, parameters = filter_clauses(filters or {})
+        # the clauses are the fixed fragments of _FILTER_IN_SQL / _FILTER_LIKE_SQL; values are parameters
+        self.con.execute(_FILTERED_POINTS_SQL.replace(
+            "/* filters */", "".join(" AND " + c for c in clauses)),
+            [window_start, window_end, metric_name, *parameters])
+        daily = self.con.execute("""
+            WITH base AS (
+                SELECT test_name, median(value) AS base FROM filtered_points
+                WHERE relative GROUP BY test_name
+            ), leveled AS (
+                SELECT p.*, CASE WHEN NOT p.relative THEN p.value
+                                 WHEN b.base > 0 THEN p.value / b.base END AS level
+                FROM filtered_points p LEFT JOIN base b
+                    ON b.test_name IS NOT DISTINCT FROM p.test_name
+            )
+            SELECT day, any_value(relative) AS relative, median(level) AS value, count(*) AS n
+            FROM leveled WHERE level IS NOT NULL GROUP BY day ORDER BY day
+        """).df()
+        (series,), = self.con.execute(
+            "SELECT count(*) FROM (SELECT DISTINCT test_name, node_id FROM filtered_points)").fetchall()
+        return daily, int(series)
+
+    def change_point_list(self, *, metric_name: str | None = None, test_name: str | None = None,
+                          node_id: str | None = None, kind: str | None = None,
+                          limit: int = 100) -> pd.DataFrame:
+        """Stored change points, newest first, optionally of one metric, test, node or kind."""
+        return self.con.execute("""
+            SELECT * EXCLUDE (computed_at) FROM change_points
+            WHERE ($metric IS NULL OR metric_name = $metric)
+              AND ($test IS NULL OR test_name = $test)
+              AND ($node IS NULL OR node_id = $node)
+              AND ($kind IS NULL OR kind = $kind)
+            ORDER BY timestamp DESC, metric_name, test_name, node_id LIMIT $limit
+        """, {"metric": metric_name, "test": test_name, "node": node_id, "kind": kind,
+              "limit": limit}).df()
+
+
+_FILTERED_POINTS_SQL = """
+    CREATE OR REPLACE TEMP TABLE filtered_points AS
+    SELECT n.test_name, n.node_id, n.value, CAST(n.timestamp AS DATE) AS day,
+           c.scope = 'test' AND c.unit <> 'count' AS relative
+    FROM normalized_timeseries n JOIN metric_catalog c USING (metric_name)
+    WHERE n.timestamp > ? AND n.timestamp <= ? AND n.metric_name = ? /* filters */
+"""

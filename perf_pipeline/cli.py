@@ -190,8 +190,13 @@ def _summary() -> None:
         print()
         print(f"{title}\n{table(rows)}" if len(rows) else empty)
     print()
-    print(f"database: {paths.database}")
-    print("explore:  dagster dev   (then open http://127.0.0.1:3000, asset groups ingest → normalize → analysis → models → actions → alerts)")
+    print(f"database:  {paths.database}")
+    dashboard = paths.reports / "performance_dashboard.html"
+    if dashboard.exists():
+        print(f"dashboard: {dashboard}  (a self-contained file: open it in a browser, or serve it "
+              "with: perf-pipeline dashboard --no-auth  →  http://127.0.0.1:8080/)")
+    print("explore:   dagster dev   (then open http://127.0.0.1:3000, asset groups ingest → "
+          "normalize → analysis → models → actions → alerts → reports; plots in the assets' metadata)")
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

@@ -42,7 +42,7 @@ def test_writers_share_the_duckdb_pool_and_carry_descriptions():
 
 
 def test_every_refresh_of_the_analysis_rebuilds_the_dashboard():
-    for job in ("analysis_job", "daily_refresh_job", "alerting_job"):
+    for job in ("analysis_job", "daily_refresh_job", "alerting_job", "model_training_job"):
         keys = defs.resolve_job_def(job).asset_layer.executable_asset_keys
         assert dg.AssetKey("performance_dashboard") in keys, job
     assert defs.resolve_assets_def("performance_dashboard").specs_by_key[

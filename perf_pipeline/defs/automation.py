@@ -46,8 +46,10 @@ daily_refresh_job = dg.define_asset_job(
 
 model_training_job = dg.define_asset_job(
     "model_training_job",
-    selection=dg.AssetSelection.assets("performance_models", "performance_forecasts"),
-    description="Retrain the forecasting models and forecast with them.",
+    selection=dg.AssetSelection.assets("performance_models", "performance_forecasts",
+                                       "performance_dashboard"),
+    description="Retrain the forecasting models, forecast with them, and show the new "
+                "forecasts on the dashboard.",
 )
 
 alerting_job = dg.define_asset_job(

@@ -1,10 +1,11 @@
 """The Python client: what the pipeline found, asked from code, on this machine or remotely.
 
-`PerformanceTrends(database=PATH)` reads a perf_pipeline DuckDB file read-only, so it can
-run next to a pipeline that is writing (DuckDB serves readers from the last checkpoint).
-`PerformanceTrends(url=URL, auth_token=TOKEN)` asks a `perf-pipeline serve` (or `dashboard`)
-server's JSON API instead; the server answers with this same class in local mode, so both
-give the same answers.
+`PerformanceTrends(database=PATH)` opens a perf_pipeline DuckDB file read-only. DuckDB
+allows no reader while another process holds the file for writing: while a pipeline run
+writes, a local read raises WarehouseLockedError (retry after the run's step), and the
+server answers 503 with Retry-After. `PerformanceTrends(url=URL, auth_token=TOKEN)` asks a
+`perf-pipeline serve` (or `dashboard`) server's JSON API instead; the server answers with
+this same class in local mode, so both give the same answers.
 
     >>> trends = PerformanceTrends(database="var/perf.duckdb")
     >>> trends.get_performance_trends("test_execution_time", test_filter={"test_type": "e2e"})
@@ -14,9 +15,10 @@ give the same answers.
     >>> trends.select_nodes(test_type="e2e", k=3)
     ['node-07', 'node-11', 'node-03']
 
-Remote errors: a wrong or missing token is a PermissionError, a request the server refuses
-(unknown metric, bad filter) a ValueError with the server's message, a busy or not yet built
-database a ServiceUnavailableError (retryable; `retry_after` in seconds).
+Remote errors: a wrong or missing token is a PermissionError (so is changing settings without
+the server's admin token, PERF_ADMIN_TOKEN), a request the server refuses (unknown metric, bad
+filter) a ValueError with the server's message, a busy, not yet built or older-schema database
+a ServiceUnavailableError (retryable; `retry_after` in seconds).
 """
 
 from __future__ import annotations
@@ -50,10 +52,12 @@ from perf_pipeline.storage.warehouse import Warehouse, filter_clauses, open_ware
 
 _SCORE_NAMES = (nodes.OVERALL, nodes.STABILITY)
 TOKEN_ENV = "PERF_API_TOKEN"
+ADMIN_TOKEN_ENV = "PERF_ADMIN_TOKEN"
 ALERT_STATUSES = ("new", "acknowledged", "invalid", "resolved")
 CHANGE_KINDS = ("regression", "improvement")
 MAX_WINDOW_DAYS = 3650
 MAX_LIMIT = 1000
+MAX_FILTER_VALUE_CHARS = 1000
 
 TestFilter = Mapping[str, str | Sequence[str]]
 
@@ -81,7 +85,9 @@ def check_metric(metric_name: Any, *, scores: bool = False) -> str:
 
 
 def check_filter(test_filter: TestFilter | None) -> dict[str, str | list[str]]:
-    """The filter as a plain dict, validated by the warehouse's whitelist."""
+    """The filter as a plain dict, validated by the warehouse's whitelist, in the one form a
+    query string can carry back: one value as a string, several as a list (so a local answer
+    echoes {"node_id": ["node-01"]} as "node-01", as the server does)."""
     if not test_filter:
         return {}
     if not isinstance(test_filter, Mapping):
@@ -90,7 +96,12 @@ def check_filter(test_filter: TestFilter | None) -> dict[str, str | list[str]]:
     for key, value in test_filter.items():
         if not isinstance(value, (str, list, tuple, set, frozenset)):
             raise ValueError(f"filter {str(key)[:40]!r} needs a non-empty string or list of strings")
-        plain[key] = value if isinstance(value, str) else list(value)
+        values = [value] if isinstance(value, str) else (
+            sorted(value, key=str) if isinstance(value, (set, frozenset)) else list(value))
+        if any(isinstance(v, str) and len(v) > MAX_FILTER_VALUE_CHARS for v in values):
+            raise ValueError(f"filter {str(key)[:40]!r}: a value is longer than "
+                             f"{MAX_FILTER_VALUE_CHARS} characters")
+        plain[key] = values[0] if len(values) == 1 else values
     filter_clauses(plain)
     return plain
 
@@ -143,7 +154,8 @@ class PerformanceTrends:
                  timeout: float = 30.0):
         if (database is None) == (url is None):
             raise ValueError("give either database=PATH (local) or url=URL (remote)")
-        self.window_days = window_days
+        # the window of a filtered node comparison, here or (sent as window_days) on the server
+        self.window_days = check_int("window_days", window_days, low=1, high=MAX_WINDOW_DAYS)
         self.database: Path | None = None
         self.url: str | None = None
         if url is not None:
@@ -210,7 +222,8 @@ class PerformanceTrends:
         `metric_name` is a metric of the catalog, "overall" or "stability". Without a filter
         the scores of the last node_performance_scores run are returned; with `test_filter`
         ({"test_type": "e2e"}, {"test_name": "tests/api/*"}, {"node_type": [...]}) they are
-        computed on the matching points of the window, on the same tests for every node.
+        computed on the matching points of the last `window_days` (the client's option; sent
+        to the server remotely), on the same tests for every node.
         """
         check_metric(metric_name, scores=True)
         plain_filter = check_filter(test_filter)
@@ -218,7 +231,9 @@ class PerformanceTrends:
             raise ValueError("test_filter applies to one metric, not to the overall or "
                              "stability score")
         if self.url is not None:
-            answer = self._get("nodes/comparison", {"metric_name": metric_name, **plain_filter})
+            window = {"window_days": self.window_days} if plain_filter else {}
+            answer = self._get("nodes/comparison", {"metric_name": metric_name, **window,
+                                                    **plain_filter})
             return [(str(node), float(score)) for node, score in answer["nodes"]]
         with self._read() as wh:
             scores = (self._filtered_scores(wh, metric_name, plain_filter) if plain_filter
@@ -302,12 +317,16 @@ class PerformanceTrends:
             return paths_from_env().home / MONITORING_FILE
         return self.database.parent / MONITORING_FILE
 
-    def configure_performance_monitoring(self, **settings: Any) -> dict[str, Any]:
+    def configure_performance_monitoring(self, *, admin_token: str | None = None,
+                                         **settings: Any) -> dict[str, Any]:
         """Validate the named settings (perf_pipeline.config.MonitoringSettings), merge them
         into perf_pipeline.yaml and return the settings now in force. Remote: PUT
-        /api/v1/monitoring, which writes the server's file."""
+        /api/v1/monitoring, which writes the server's file and needs the server's admin token:
+        `admin_token`, else $PERF_ADMIN_TOKEN, else the client's token (for a server whose
+        PERF_ADMIN_TOKEN is the API token). A refusal (403) is a PermissionError."""
         if self.url is not None:
-            return self._request("PUT", "monitoring", body=settings)["settings"]
+            token = admin_token or os.environ.get(ADMIN_TOKEN_ENV) or self.auth_token
+            return self._request("PUT", "monitoring", body=settings, token=token)["settings"]
         saved = configure_performance_monitoring(self.monitoring_file(), **settings)
         return saved.model_dump(mode="json")
 
@@ -317,10 +336,12 @@ class PerformanceTrends:
         query = urlencode({k: v for k, v in parameters.items() if v is not None}, doseq=True)
         return self._request("GET", f"{route}?{query}" if query else route)
 
-    def _request(self, method: str, route: str, body: Any = None) -> dict[str, Any]:
+    def _request(self, method: str, route: str, body: Any = None,
+                 token: str | None = None) -> dict[str, Any]:
         headers = {"Accept": "application/json"}
-        if self.auth_token:
-            headers["Authorization"] = f"Bearer {self.auth_token}"
+        token = token or self.auth_token
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
         data = None
         if body is not None:
             data = json.dumps(body, allow_nan=False).encode("utf-8")
@@ -348,6 +369,8 @@ class PerformanceTrends:
             return payload
         if status == 401:
             raise PermissionError(f"wrong or missing token for {self.url}")
+        if status == 403:
+            raise PermissionError(f"{self.url} refused: {message}")
         if status == 400:
             raise ValueError(message)
         if status == 503:

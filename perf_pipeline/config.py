@@ -239,7 +239,7 @@ def save_monitoring(path: str | Path, settings: MonitoringSettings) -> None:
     temporary.replace(path)
 
 
-def configure_performance_monitoring(path: str | Path | None = None, **changes) -> MonitoringSettings:
+def configure_performance_monitoring(path: str | Path | None = None, /, **changes) -> MonitoringSettings:
     """Change monitoring settings (the seed's function): the named settings are validated,
     merged into `perf_pipeline.yaml` and saved; returns the settings now in force.
 

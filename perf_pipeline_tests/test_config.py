@@ -54,6 +54,19 @@ def test_configure_performance_monitoring_merges_validates_and_saves(tmp_path, m
     assert load_monitoring(tmp_path / "perf_pipeline.yaml") == again  # a bad change saves nothing
 
 
+def test_path_is_not_a_setting_name_and_path_as_a_keyword_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setenv("PERF_PIPELINE_HOME", str(tmp_path))
+    elsewhere = tmp_path / "elsewhere.yaml"
+    # positional-only: "path" among the settings is an unknown setting, not a TypeError
+    with pytest.raises(ConfigError, match="path: Extra inputs are not permitted"):
+        configure_performance_monitoring(path=str(elsewhere))
+    with pytest.raises(ConfigError, match="path"):
+        configure_performance_monitoring(tmp_path / "perf_pipeline.yaml", path=str(elsewhere))
+    assert not elsewhere.exists() and not (tmp_path / "perf_pipeline.yaml").exists()
+    assert configure_performance_monitoring(elsewhere, retention_period_days=7).retention_period_days == 7
+    assert load_monitoring(elsewhere).retention_period_days == 7
+
+
 def test_mutes_match_what_they_name_until_they_expire():
     settings = MonitoringSettings(mutes=[
         {"test": "tests/flaky/*", "until": "2026-12-01"},

@@ -120,8 +120,12 @@ def trend_stats(context: dg.AssetExecutionContext, config: TrendConfig,
             min_change_percent=config.min_change_percent, min_days=config.min_days)
         wh.replace_table("trend_stats", table)
         degrading = wh.top_trends(direction="degrading", limit=15)
-        plot = plot_metadata(context, "plot_trends", lambda: plots.trend_markdown(
-            daily, table, degrading, wh.incidents_and_changes()[1], wh.table("anomalies")))
+        known_changes = wh.incidents_and_changes()[1]
+        known_anomalies = wh.table("anomalies")
+    # drawn after the writer connection is closed, as change_points does: plotting takes
+    # seconds that other assets (and API readers) should not wait for
+    plot = plot_metadata(context, "plot_trends", lambda: plots.trend_markdown(
+        daily, table, degrading, known_changes, known_anomalies))
     counts = table["trend_direction"].value_counts()
     return dg.MaterializeResult(metadata={
         "series": dg.MetadataValue.int(len(table)),

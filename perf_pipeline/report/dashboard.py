@@ -268,6 +268,12 @@ def render_dashboard(payload: dict) -> str:
 """
 
 
+def _umask() -> int:
+    mask = os.umask(0)  # the only way to read it; set straight back
+    os.umask(mask)
+    return mask
+
+
 def write_dashboard(path: str | Path, page: str) -> int:
     """Write the page atomically (a reader never sees half a file); returns its size in bytes."""
     path = Path(path)
@@ -279,6 +285,9 @@ def write_dashboard(path: str | Path, page: str) -> int:
             file.write(data)
             file.flush()
             os.fsync(file.fileno())
+        # mkstemp creates the file 0600; the dashboard is a report for whoever may read the
+        # directory, so it gets the mode an ordinary open() would give it (0666 & ~umask)
+        os.chmod(temporary, 0o666 & ~_umask())
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
@@ -403,20 +412,28 @@ _SCRIPT = r"""
   }
 
   function trendLine(trend, drawn) {
-    if (trend.theil_sen_slope_per_day === null || !trend.window_mean) return null;
+    const slope = trend.theil_sen_slope_per_day, mean = trend.window_mean;
+    if (slope === null || mean === null || !Number.isFinite(slope) || !Number.isFinite(mean)) return null;
     const start = Date.parse(trend.window_start.replace(" ", "T") + "Z");
     const end = Date.parse(trend.window_end.replace(" ", "T") + "Z");
     const middle = (start + end) / 2, day = 86400000;
-    const relative = trend.theil_sen_slope_per_day / trend.window_mean;
-    // A relative trend (tests compared as ratios to their own median) is drawn through the
-    // median of what is shown, with the same rate of change per day.
-    const anchor = trend.level_basis === "relative" ? median(drawn.y) : trend.window_mean;
-    if (anchor === null) return null;
-    const at = (t) => anchor * (1 + relative * (t - middle) / day);
+    const percent = trend.change_over_window_percent;
+    // trend_stats leaves the percentages empty when the mean is too close to zero for a ratio
+    // to it to mean anything: such a series is drawn as mean + slope·(t − middle), in its unit.
+    let at = (t) => mean + slope * (t - middle) / day;
+    if (percent !== null && mean !== 0 && String(trend.level_basis || "").startsWith("relative")) {
+      // A relative trend (tests compared as ratios to their own median) is drawn through the
+      // median of what is shown, with the same rate of change per day.
+      const anchor = median(drawn.y);
+      if (anchor === null) return null;
+      const relative = slope / mean;
+      at = (t) => anchor * (1 + relative * (t - middle) / day);
+    }
     const iso = (t) => new Date(t).toISOString().slice(0, 16).replace("T", " ");
+    const change = percent === null ? "" :
+      (percent >= 0 ? "+" : "") + Number(percent.toFixed(1)) + "% over the window ";
     return { x: [iso(start), iso(end)], y: [at(start), at(end)], mode: "lines", type: "scatter",
-             name: esc("trend " + (trend.change_over_window_percent >= 0 ? "+" : "") +
-                       trend.change_over_window_percent + "% over the window (" + trend.trend_direction + ")"),
+             name: esc("trend " + change + "(" + trend.trend_direction + ")"),
              line: { dash: "dash", color: trend.trend_direction === "degrading" ? "#d62728" : "#2ca02c" } };
   }
 

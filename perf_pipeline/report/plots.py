@@ -30,6 +30,9 @@ _MAX_MATRIX_METRICS = 12  # more labels than this do not fit 800 px
 _MAX_HEATMAP_LABELS = 40
 _PALETTE_COLOURS = 64
 _MAX_MARKED_POINTS = 150
+# Titles, labels and tick labels carry test and node names: a `$` in one must be drawn as a
+# dollar sign, not start matplotlib mathtext (which fails on "a $x^$ b" and mislabels others).
+_PLAIN = {"parse_math": False}
 
 
 def _figure(nrows: int = 1, ncols: int = 1):
@@ -101,8 +104,8 @@ def series_plot(points: pd.DataFrame, *, title: str, ylabel: str = "",
     if odd.any():
         ax.scatter(times[odd], values[odd], s=60, facecolors="none", edgecolors="red",
                    linewidths=1.5, zorder=3, label="anomaly")
-    ax.set_title(title, fontsize=10)
-    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10, **_PLAIN)
+    ax.set_ylabel(ylabel, **_PLAIN)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="best")
     figure.autofmt_xdate()
@@ -118,15 +121,15 @@ def heatmap_plot(matrix: pd.DataFrame, *, title: str, colorbar_label: str,
     values = matrix.to_numpy(dtype=float)
     image = ax.imshow(np.ma.masked_invalid(values), aspect="auto", cmap=cmap, vmin=vmin, vmax=vmax)
     ax.set_xticks(range(matrix.shape[1]), [str(c) for c in matrix.columns], rotation=45,
-                  ha="right", fontsize=7)
-    ax.set_yticks(range(matrix.shape[0]), [str(i) for i in matrix.index], fontsize=7)
+                  ha="right", fontsize=7, **_PLAIN)
+    ax.set_yticks(range(matrix.shape[0]), [str(i) for i in matrix.index], fontsize=7, **_PLAIN)
     if values.size <= 120:
         for (row, column), value in np.ndenumerate(values):
             if np.isfinite(value):
                 ax.text(column, row, f"{value:.2g}" if abs(value) < 10 else f"{value:.0f}",
                         ha="center", va="center", fontsize=7)
     figure.colorbar(image, ax=ax, label=colorbar_label)
-    ax.set_title(title, fontsize=10)
+    ax.set_title(title, fontsize=10, **_PLAIN)
     return _png(figure)
 
 
@@ -161,8 +164,8 @@ def forecast_plot(history: pd.DataFrame, forecast: pd.DataFrame, *, title: str,
     ax.plot(times, forecast["forecast"], color="tab:orange", linewidth=1.5, label="forecast")
     if len(forecast):
         ax.axvline(times.iloc[0], color="grey", linestyle=":", linewidth=1)
-    ax.set_title(title, fontsize=10)
-    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10, **_PLAIN)
+    ax.set_ylabel(ylabel, **_PLAIN)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="upper left")
     figure.autofmt_xdate()
@@ -184,10 +187,10 @@ def before_after_plot(groups: Sequence[tuple[str, Sequence[float], Sequence[floa
                        color=color)
         ax.set_xticks([1, 2], [f"before\n(n={len(sides[0])})", f"after\n(n={len(sides[1])})"],
                       fontsize=8)
-        ax.set_title(label, fontsize=8)
+        ax.set_title(label, fontsize=8, **_PLAIN)
         ax.tick_params(axis="y", labelsize=7)
         ax.grid(alpha=0.3, axis="y")
-    figure.suptitle(title, fontsize=10)
+    figure.suptitle(title, fontsize=10, **_PLAIN)
     return _png(figure)
 
 

@@ -3,13 +3,18 @@
 Every `/api/` route (the metrics gateway and the JSON API) needs `Authorization: Bearer
 <PERF_API_TOKEN>` (compared in constant time); `/healthz` does not. The server binds 127.0.0.1
 unless told otherwise, and refuses to start without a token unless it is bound to loopback
-and started with `--no-auth`.
+and started with `--no-auth`. Under `--no-auth` only requests for the Host localhost,
+127.0.0.1 or [::1] (any port) are answered: a web page on another site cannot reach the
+server by DNS rebinding. `PUT /api/v1/monitoring` (changing settings) needs a second token,
+PERF_ADMIN_TOKEN, sent as the bearer token instead of the API token; unset, the PUT is
+refused (403), except under `--no-auth`.
 
 `perf-pipeline dashboard` also serves the latest `reports/performance_dashboard.html` at `/`.
 A browser cannot send a bearer header, so with a token set `/` shows a small form: the token
 is POSTed to `/login` (never put in a URL, where access logs and browser history would keep
-it) and answered with an HttpOnly, SameSite=Strict cookie. The cookie holds an HMAC of the
-token, not the token: it opens the dashboard page and nothing else, never the API.
+it) and answered with an HttpOnly, SameSite=Lax session cookie valid for 12 hours: the issue
+time and an HMAC of it keyed by the token, never the token. It opens the dashboard page and
+nothing else, never the API; `POST /logout` clears it. The pages forbid framing.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import hashlib
 import hmac
 import ipaddress
 import os
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import date
@@ -27,20 +33,26 @@ from urllib.parse import parse_qs
 
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
-from starlette.requests import Request
+from starlette.middleware.trustedhost import TrustedHostMiddleware
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from perf_pipeline.config import MONITORING_FILE, partitions_start_date, paths_from_env
-from perf_pipeline.server.api import ReadApi, internal_error
+from perf_pipeline.server.api import LastResortMiddleware, ReadApi, internal_error
 from perf_pipeline.server.gateway import MetricsGateway
 
 TOKEN_ENV = "PERF_API_TOKEN"
+ADMIN_TOKEN_ENV = "PERF_ADMIN_TOKEN"
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_MAX_BODY_BYTES = 16 * 1024 * 1024
 DASHBOARD_FILE = "performance_dashboard.html"
 SESSION_COOKIE = "perf_pipeline_session"
+SESSION_MAX_AGE_SECONDS = 12 * 3600
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "[::1]")  # as Host headers name them, any port
+# `/` and `/login` must never be framed (clickjacking of the login form or the page)
+FRAMING_HEADERS = {"X-Frame-Options": "DENY", "Content-Security-Policy": "frame-ancestors 'none'"}
 
 
 class ServerConfigError(ValueError):
@@ -52,6 +64,8 @@ class ServerSettings:
     landing: Path
     token: str | None
     host: str = DEFAULT_HOST
+    # guards PUT /api/v1/monitoring; None: the PUT is refused unless token is None too
+    admin_token: str | None = None
     port: int = 8080
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     # The JSON API reads `database` and writes `monitoring_file`; `dashboard` (the HTML file
@@ -78,6 +92,9 @@ def settings_from_env(landing: Path, *, host: str, port: int, no_auth: bool,
     environ = os.environ if environ is None else environ
     paths = paths_from_env(environ)
     token = environ.get(TOKEN_ENV) or None
+    admin_token = environ.get(ADMIN_TOKEN_ENV) or None
+    if admin_token is not None and len(admin_token) < 16:
+        raise ServerConfigError(f"{ADMIN_TOKEN_ENV} is too short to be a secret: use 16 characters or more")
     if no_auth:
         if not is_loopback(host):
             raise ServerConfigError(f"--no-auth is only allowed on a loopback address, not {host}; "
@@ -90,24 +107,35 @@ def settings_from_env(landing: Path, *, host: str, port: int, no_auth: bool,
         raise ServerConfigError(f"{TOKEN_ENV} is too short to be a secret: use 16 characters or more")
     if max_body_bytes <= 0:
         raise ServerConfigError("the body size limit must be positive")
-    return ServerSettings(landing=landing, token=token, host=host, port=port,
+    return ServerSettings(landing=landing, token=token, admin_token=admin_token, host=host, port=port,
                           max_body_bytes=max_body_bytes, database=paths.database,
                           monitoring_file=paths.home / MONITORING_FILE,
                           dashboard=paths.reports / DASHBOARD_FILE if serve_dashboard else None)
 
 
-class BearerTokenMiddleware:
-    """401 for any /api/ request without the right bearer token (constant-time comparison)."""
+SETTINGS_PATH = "/api/v1/monitoring"
 
-    def __init__(self, app: ASGIApp, token: str | None):
+
+class BearerTokenMiddleware:
+    """401 for any /api/ request without the right bearer token (constant-time comparison).
+    The settings route also takes the admin token (which the route itself then requires)."""
+
+    def __init__(self, app: ASGIApp, token: str | None, admin_token: str | None = None):
         self.app = app
         self.expected = f"Bearer {token}".encode() if token else None
+        self.admin = f"Bearer {admin_token}".encode() if admin_token else None
+
+    def _accepted(self, scope: Scope) -> bool:
+        sent = dict(scope["headers"]).get(b"authorization", b"")
+        if hmac.compare_digest(sent, self.expected):
+            return True
+        return (self.admin is not None and scope["path"] == SETTINGS_PATH
+                and hmac.compare_digest(sent, self.admin))
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if (self.expected is not None and scope["type"] == "http"
                 and scope["path"].startswith("/api/")):
-            sent = dict(scope["headers"]).get(b"authorization", b"")
-            if not hmac.compare_digest(sent, self.expected):
+            if not self._accepted(scope):
                 response = JSONResponse(
                     {"error": "missing or wrong bearer token"}, status_code=401,
                     headers={"WWW-Authenticate": 'Bearer realm="perf_pipeline"'})
@@ -127,45 +155,74 @@ _LOGIN_PAGE = """<!doctype html><html><head><meta charset="utf-8"><title>perf_pi
 
 
 class DashboardPage:
-    """`/`: the latest dashboard file; with a token set, for a browser holding the session
+    """`/`: the latest dashboard file; with a token set, for a browser holding a live session
     cookie (or a client sending the bearer token)."""
 
-    def __init__(self, file: Path, token: str | None):
+    def __init__(self, file: Path, token: str | None, *, clock=time.time):
         self.file = file
         self.token = token
-        self.session = (hmac.new(token.encode(), b"perf_pipeline dashboard session",
-                                 hashlib.sha256).hexdigest() if token else None)
+        self.clock = clock
+        self.key = (hmac.new(token.encode(), b"perf_pipeline dashboard session",
+                             hashlib.sha256).digest() if token else None)
+
+    def _sign(self, issued: int) -> str:
+        return hmac.new(self.key, str(issued).encode(), hashlib.sha256).hexdigest()
+
+    def new_session(self) -> str:
+        issued = int(self.clock())
+        return f"{issued}.{self._sign(issued)}"
+
+    def session_valid(self, value: str) -> bool:
+        issued, _, signature = value.partition(".")
+        if not issued.isdigit() or len(issued) > 12:
+            return False
+        if not hmac.compare_digest(signature.encode(), self._sign(int(issued)).encode()):
+            return False
+        age = self.clock() - int(issued)
+        return -60 <= age <= SESSION_MAX_AGE_SECONDS  # a minute of clock skew at most
 
     def _allowed(self, request: Request) -> bool:
         if self.token is None:
             return True
-        cookie = request.cookies.get(SESSION_COOKIE, "")
         bearer = request.headers.get("authorization", "")
-        return (hmac.compare_digest(cookie.encode(), self.session.encode())
+        return (self.session_valid(request.cookies.get(SESSION_COOKIE, ""))
                 or hmac.compare_digest(bearer.encode(), f"Bearer {self.token}".encode()))
 
     async def page(self, request: Request) -> Response:
         if not self._allowed(request):
-            return HTMLResponse(_LOGIN_PAGE.format(message=""), status_code=401)
+            return HTMLResponse(_LOGIN_PAGE.format(message=""), status_code=401, headers=FRAMING_HEADERS)
         if not self.file.is_file():
-            return HTMLResponse(_NO_DASHBOARD_PAGE, status_code=404)
+            return HTMLResponse(_NO_DASHBOARD_PAGE, status_code=404, headers=FRAMING_HEADERS)
         return FileResponse(self.file, media_type="text/html",
-                            headers={"Cache-Control": "no-store"})
+                            headers={"Cache-Control": "no-store", **FRAMING_HEADERS})
 
     async def login(self, request: Request) -> Response:
         if self.token is None:
-            return RedirectResponse("/", status_code=303)
+            return RedirectResponse("/", status_code=303, headers=FRAMING_HEADERS)
         body = b""
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > 4096:
-                return HTMLResponse(_LOGIN_PAGE.format(message="<p>Form too large.</p>"), status_code=413)
+        try:
+            async for chunk in request.stream():
+                body += chunk
+                if len(body) > 4096:
+                    return HTMLResponse(_LOGIN_PAGE.format(message="<p>Form too large.</p>"),
+                                        status_code=413, headers=FRAMING_HEADERS)
+        except ClientDisconnect:  # the browser went away mid-form: nobody to answer
+            return HTMLResponse("client disconnected mid-form", status_code=400)
         sent = parse_qs(body.decode("utf-8", errors="replace")).get("token", [""])[0]
         if not hmac.compare_digest(sent.encode(), self.token.encode()):
-            return HTMLResponse(_LOGIN_PAGE.format(message="<p>Wrong token.</p>"), status_code=401)
-        response = RedirectResponse("/", status_code=303)
-        response.set_cookie(SESSION_COOKIE, self.session, httponly=True, samesite="strict",
-                            secure=request.url.scheme == "https", path="/")
+            return HTMLResponse(_LOGIN_PAGE.format(message="<p>Wrong token.</p>"), status_code=401,
+                                headers=FRAMING_HEADERS)
+        response = RedirectResponse("/", status_code=303, headers=FRAMING_HEADERS)
+        # Lax, not Strict: a link to the dashboard from chat or mail must open it; GET / only reads
+        response.set_cookie(SESSION_COOKIE, self.new_session(), max_age=SESSION_MAX_AGE_SECONDS,
+                            httponly=True, samesite="lax", secure=request.url.scheme == "https",
+                            path="/")
+        return response
+
+    async def logout(self, request: Request) -> Response:
+        response = RedirectResponse("/", status_code=303, headers=FRAMING_HEADERS)
+        response.delete_cookie(SESSION_COOKIE, path="/", httponly=True, samesite="lax",
+                               secure=request.url.scheme == "https")
         return response
 
 
@@ -182,7 +239,8 @@ def create_app(settings: ServerSettings) -> Starlette:
 
     home = paths_from_env()
     api = ReadApi(settings.database or home.database,
-                  settings.monitoring_file or home.home / MONITORING_FILE)
+                  settings.monitoring_file or home.home / MONITORING_FILE,
+                  admin_token=settings.admin_token, open_settings=settings.token is None)
     routes = [
         Route("/api/v1/metrics", gateway.post_metrics, methods=["POST"]),
         *api.routes(),
@@ -191,9 +249,18 @@ def create_app(settings: ServerSettings) -> Starlette:
     if settings.dashboard is not None:
         dashboard = DashboardPage(settings.dashboard, settings.token)
         routes += [Route("/", dashboard.page, methods=["GET"]),
-                   Route("/login", dashboard.login, methods=["POST"])]
-    app = Starlette(routes=routes, lifespan=lifespan,
-                    middleware=[Middleware(BearerTokenMiddleware, token=settings.token)],
+                   Route("/login", dashboard.login, methods=["POST"]),
+                   Route("/logout", dashboard.logout, methods=["POST"])]
+    middleware = [Middleware(LastResortMiddleware)]
+    if settings.token is None:
+        # No token: anything that can reach the port is trusted, so a page on another site
+        # must not reach it through DNS rebinding (its name resolving to 127.0.0.1): only the
+        # loopback names are answered. With a token set any Host may ask; the token protects.
+        middleware.append(Middleware(TrustedHostMiddleware, allowed_hosts=list(LOOPBACK_HOSTS),
+                                     www_redirect=False))
+    middleware.append(Middleware(BearerTokenMiddleware, token=settings.token,
+                                 admin_token=settings.admin_token))
+    app = Starlette(routes=routes, lifespan=lifespan, middleware=middleware,
                     exception_handlers={Exception: internal_error})
     app.state.gateway = gateway
     return app

@@ -141,6 +141,60 @@ def test_the_file_is_replaced_atomically(tmp_path):
     assert [p.name for p in target.parent.iterdir()] == [DASHBOARD_FILE]
 
 
+def test_the_file_gets_the_umask_mode_not_mkstemps_0600(tmp_path):
+    target = tmp_path / DASHBOARD_FILE
+    previous = os.umask(0o027)
+    try:
+        write_dashboard(target, "page")
+        assert target.stat().st_mode & 0o777 == 0o640
+        os.umask(0o022)
+        write_dashboard(target, "page again")
+        assert target.stat().st_mode & 0o777 == 0o644
+    finally:
+        os.umask(previous)
+
+
+def _trend_line(trend: dict, shown: list) -> dict | None:
+    """The dashboard's own trendLine (with esc and median), run by node on `trend`."""
+    from perf_pipeline.report import dashboard
+
+    node = shutil.which("node") or shutil.which("nodejs")
+    if node is None:
+        pytest.skip("no node.js on this machine")
+    script = dashboard._SCRIPT
+    pieces = [script[script.index("  const esc = "):script.index("\n", script.index("  const esc = "))],
+              script[script.index("  const median = "):script.index("  };", script.index("  const median = ")) + 4],
+              script[script.index("  function trendLine("):script.index("  function anomalyTrace(")]]
+    program = "\n".join(pieces) + (f"\nconsole.log(JSON.stringify(trendLine({json.dumps(trend)}, "
+                                    f"{{y: {json.dumps(shown)}}})));")
+    result = subprocess.run([node, "-e", program], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+TREND = {"theil_sen_slope_per_day": 0.5, "window_mean": 10.0, "change_over_window_percent": 20.0,
+         "window_start": "2026-10-01 00:00", "window_end": "2026-10-05 00:00",
+         "level_basis": "absolute", "trend_direction": "degrading"}
+
+
+def test_the_trend_line_of_a_near_zero_mean_series_is_mean_plus_slope_without_a_percentage():
+    line = _trend_line(TREND, [9.0, 11.0])
+    assert line["name"] == "trend +20% over the window (degrading)"
+    assert line["y"] == pytest.approx([9.0, 11.0])  # 10 ± 0.5/day × 2 days
+    # near-zero mean: trend_stats leaves the percentage empty and judged the absolute change
+    near_zero = {**TREND, "window_mean": 1e-9, "change_over_window_percent": None}
+    line = _trend_line(near_zero, [-1.0, 1.0])
+    assert "null" not in line["name"] and "%" not in line["name"]
+    assert line["name"] == "trend (degrading)"
+    assert line["y"] == pytest.approx([-1.0, 1.0], abs=1e-6)
+    exact_zero = {**near_zero, "window_mean": 0.0, "level_basis": "relative_to_test_median"}
+    assert _trend_line(exact_zero, [0.0])["y"] == pytest.approx([-1.0, 1.0])
+    # a relative series is drawn through the median of what is shown, at the same rate
+    relative = {**TREND, "window_mean": 1.0, "theil_sen_slope_per_day": 0.05,
+                "level_basis": "relative_to_test_median"}
+    assert _trend_line(relative, [4.0, 6.0])["y"] == pytest.approx([4.5, 5.5])
+
+
 # ------------------------------------------------------------ on a small simulated fleet
 
 @pytest.fixture(scope="module")

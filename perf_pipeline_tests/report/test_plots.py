@@ -105,6 +105,31 @@ def test_the_markdown_choosers_draw_the_known_regression_and_nothing_without_dat
     assert plots.forecast_markdown(series.iloc[:0], pd.DataFrame(columns=["metric_name"])) is None
 
 
+DOLLAR_NAME = "a $x^$ b"  # mathtext would refuse this ("Expected token") and fail the plot
+
+
+def test_names_with_dollar_signs_are_drawn_as_text_not_mathtext():
+    series = _series()
+    _assert_plot(plots.series_plot(series, title=f"cpu_usage · {DOLLAR_NAME}", ylabel=DOLLAR_NAME,
+                                   slopes_per_day={"Theil–Sen": 0.1}))
+    matrix = pd.DataFrame([[50.0, 60.0], [40.0, np.nan]], index=["unit", DOLLAR_NAME],
+                          columns=[DOLLAR_NAME, "node-$2$"])
+    _assert_plot(plots.heatmap_plot(matrix, title=DOLLAR_NAME, colorbar_label="score"))
+    _assert_plot(plots.before_after_plot([(DOLLAR_NAME, [1.0, 1.1, 0.9], [2.0, 2.1, 1.9])],
+                                         title="before and after"))
+    forecast = pd.DataFrame({"timestamp": [START + timedelta(days=20 + d) for d in range(3)],
+                             "forecast": [7.0, 7.1, 7.2], "lower": [6.5, 6.6, 6.7],
+                             "upper": [7.5, 7.6, 7.7]})
+    _assert_plot(plots.forecast_plot(series, forecast, title=f"cpu_usage · {DOLLAR_NAME}",
+                                     ylabel=DOLLAR_NAME))
+    # a pair of $ that does parse would be drawn as math (italic x, dropped $): kept as text
+    from matplotlib.figure import Figure
+
+    axes = Figure().subplots()
+    title = axes.set_title("node $x$", **plots._PLAIN)
+    assert title.get_text() == "node $x$" and not title._preprocess_math("node $x$")[1]
+
+
 @pytest.fixture
 def instance(tmp_path):
     (tmp_path / "dagster").mkdir()
@@ -112,7 +137,20 @@ def instance(tmp_path):
         yield instance
 
 
-def test_materialized_analysis_carries_plots(paths, tmp_path, instance):
+def test_materialized_analysis_carries_plots(paths, tmp_path, instance, monkeypatch):
+    from perf_pipeline.storage.warehouse import open_warehouse
+
+    drawn_while = []
+    trend_markdown = plots.trend_markdown
+
+    def drawing_trends(*args, **kwargs):
+        # trend_stats draws after closing its writer connection: a reader can open the file
+        # (DuckDB refuses a read-only connection next to an open read-write one)
+        with open_warehouse(paths.database, read_only=True) as wh:
+            drawn_while.append(wh.table("trend_stats").shape[0])
+        return trend_markdown(*args, **kwargs)
+
+    monkeypatch.setattr(plots, "trend_markdown", drawing_trends)
     rows = _fleet_rows(np.random.default_rng(4))
     ingest_files([write_jsonl(tmp_path / "fleet.jsonl", rows)], paths.landing, today=date(2026, 11, 28))
     tags = {RANGE_START_TAG: "2026-10-01", RANGE_END_TAG: "2026-10-28"}
@@ -134,5 +172,6 @@ def test_materialized_analysis_carries_plots(paths, tmp_path, instance):
             assert images, (asset, name)
             for _, payload in images:
                 _assert_plot(base64.b64decode(payload))
+    assert drawn_while and drawn_while[0] > 0
     trends = result.asset_materializations_for_node("trend_stats")[0].metadata["plot_trends"].value
     assert "tests/t.py::slow" in trends

@@ -221,8 +221,9 @@ def render_dashboard(payload: dict) -> str:
     has_series = bool(payload["series"]["value"])
     sections = "".join([
         _section("trend", "Trends", "Daily medians over the window for the selected metric, test "
-                 "type, test and node; the dashed line is the significant trend from trend_stats; "
-                 "red markers are anomalies.", not has_series),
+                 "type, test and node; across several tests, each test's values are taken as a "
+                 "percentage of its own median first. The dashed line is the significant trend "
+                 "from trend_stats; red markers are anomalies.", not has_series),
         _section("forecast", "Forecast", "Daily medians of the hourly forecasts "
                  "(performance_forecasts) with their 80% interval, after the last week of history.",
                  not payload["forecasts"]["day"]),
@@ -391,16 +392,46 @@ _SCRIPT = r"""
     return parts.join(" · ");
   }
 
-  function dailyMedians(sel) {
-    const byDay = new Map();
+  // Each test's median over the window, per metric: across several tests a per-test metric
+  // is shown as a ratio to each test's own median (as trend_stats compares them), or the mix
+  // of short and long tests run on a day would move the line more than any change does.
+  const testMedian = new Map();
+  {
+    const values = new Map();
+    for (let i = 0; i < S.metric.length; i++) {
+      if (S.test[i] < 0) continue;
+      const key = S.metric[i] + ":" + S.test[i];
+      if (!values.has(key)) values.set(key, []);
+      values.get(key).push(S.value[i]);
+    }
+    for (const [key, v] of values) testMedian.set(key, median(v));
+  }
+
+  function relativeView(sel) {
+    if (sel.test !== null) return false;
+    for (let i = 0; i < S.metric.length; i++) {
+      if (S.metric[i] === sel.metric) return S.test[i] >= 0;
+    }
+    return false;
+  }
+
+  function dailyMedians(sel, absolute) {
+    const byDay = new Map(), relative = !absolute && relativeView(sel);
     for (let i = 0; i < S.metric.length; i++) {
       if (!matches(sel, S.metric[i], S.test[i], S.node[i])) continue;
+      let value = S.value[i];
+      if (relative) {
+        const typical = testMedian.get(S.metric[i] + ":" + S.test[i]);
+        if (!typical) continue;  // a test whose median is 0 has no ratio
+        value = 100 * value / typical;
+      }
       const day = D.days[S.day[i]];
       if (!byDay.has(day)) byDay.set(day, []);
-      byDay.get(day).push(S.value[i]);
+      byDay.get(day).push(value);
     }
     const days = [...byDay.keys()].sort();
-    return { x: days, y: days.map((d) => median(byDay.get(d))), n: days.map((d) => byDay.get(d).length) };
+    return { x: days, y: days.map((d) => median(byDay.get(d))), n: days.map((d) => byDay.get(d).length),
+             relative };
   }
 
   function trendFor(sel) {
@@ -445,6 +476,8 @@ _SCRIPT = r"""
       // On its own series an anomaly sits at its value; on an aggregate, on its day's median.
       const own = (sel.test !== null && A.test[i] === sel.test) ||
                   (sel.node !== null && A.scope[i] === "node" && A.node[i] === sel.node);
+      // A ratio view has no place for an absolute value off its own days.
+      if (!own && drawn.relative && !onDay.has(A.day[i])) continue;
       const value = own || !onDay.has(A.day[i]) ? A.value[i] : onDay.get(A.day[i]);
       x.push(own ? A.time[i] : A.day[i]);
       y.push(value);
@@ -477,7 +510,7 @@ _SCRIPT = r"""
   function drawTrend(sel) {
     if (!S.value.length) return;
     const drawn = dailyMedians(sel);
-    const unit = D.metrics[sel.metric].unit;
+    const unit = drawn.relative ? "% of each test's median" : D.metrics[sel.metric].unit;
     const traces = [{ x: drawn.x, y: drawn.y, text: drawn.n.map((n) => n + " series"),
                       mode: "lines+markers", type: "scatter", name: esc("daily median — " + label(sel)),
                       hovertemplate: "%{x}: %{y}<br>%{text}<extra></extra>" }];
@@ -504,7 +537,7 @@ _SCRIPT = r"""
       cell.f.push(F.forecast[i]); cell.l.push(F.lower[i]); cell.u.push(F.upper[i]);
     }
     const days = [...byDay.keys()].sort();
-    const history = dailyMedians(sel);
+    const history = dailyMedians(sel, true);  // forecasts are in the metric's unit
     const tail = Math.max(0, history.x.length - 7);
     const traces = days.length ? [
       { x: history.x.slice(tail), y: history.y.slice(tail), mode: "lines+markers", type: "scatter",

@@ -706,15 +706,14 @@ class Warehouse:
         """
         if (run_id is None) == (ci_job_id is None):
             raise ValueError("give a run id or a CI job id")
-        column = "test_run_id" if run_id is not None else "ci_job_id"
-        self.con.execute(f"""
+        self.con.execute("""
             CREATE OR REPLACE TEMP TABLE gate_run AS
             SELECT metric_name, test_name, node_id, test_run_id, timestamp, value
             FROM normalized_timeseries
-            WHERE {column} = $run
+            WHERE (test_run_id = $run_id OR ci_job_id = $ci_job_id)
               AND ($node_type IS NULL OR node_type = $node_type)
               AND ($metrics IS NULL OR list_contains($metrics, metric_name))
-        """, {"run": run_id if run_id is not None else ci_job_id, "node_type": node_type,
+        """, {"run_id": run_id, "ci_job_id": ci_job_id, "node_type": node_type,
               "metrics": list(metrics) if metrics else None})
         run = self.con.execute("SELECT * FROM gate_run ORDER BY metric_name, test_name, timestamp").df()
         if run.empty:

@@ -359,6 +359,16 @@ def cmd_agent(args: argparse.Namespace) -> int:
     return run_from_args(args)
 
 
+def _server_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address to bind (default 127.0.0.1; anything else needs a token)")
+    parser.add_argument("--port", type=int, default=8080)
+    parser.add_argument("--no-auth", action="store_true",
+                        help="accept requests without a token (loopback addresses only)")
+    parser.add_argument("--max-body-mb", type=float, default=16.0,
+                        help="largest metrics batch accepted, in MiB (default 16)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="perf-pipeline",
@@ -445,24 +455,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     server = commands.add_parser(
         "serve", help="the metrics gateway (POST /api/v1/metrics) and the JSON API (/api/v1/...)")
-    server.add_argument("--host", default="127.0.0.1",
-                        help="address to bind (default 127.0.0.1; anything else needs a token)")
-    server.add_argument("--port", type=int, default=8080)
-    server.add_argument("--no-auth", action="store_true",
-                        help="accept requests without a token (loopback addresses only)")
-    server.add_argument("--max-body-mb", type=float, default=16.0,
-                        help="largest request body accepted, in MiB (default 16)")
+    _server_arguments(server)
     server.set_defaults(handler=cmd_serve)
 
     dashboard = commands.add_parser(
         "dashboard", help="serve the latest dashboard at / with the JSON API and the gateway")
-    dashboard.add_argument("--host", default="127.0.0.1",
-                           help="address to bind (default 127.0.0.1; anything else needs a token)")
-    dashboard.add_argument("--port", type=int, default=8080)
-    dashboard.add_argument("--no-auth", action="store_true",
-                           help="accept requests without a token (loopback addresses only)")
-    dashboard.add_argument("--max-body-mb", type=float, default=16.0,
-                           help="largest metrics batch accepted, in MiB (default 16)")
+    _server_arguments(dashboard)
     dashboard.set_defaults(handler=cmd_dashboard)
 
     from perf_pipeline.collect.agent import add_arguments as add_agent_arguments

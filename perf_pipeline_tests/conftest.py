@@ -151,3 +151,23 @@ def wait_until_serving(url: str, process: subprocess.Popen, *, timeout: float = 
                 stop_process_group(process)
             pytest.fail(f"gateway did not start: {process.stdout.read().decode()}")
         time.sleep(0.2)
+
+
+def materialized_fleet(root: Path, *, end, days: int, nodes: int, tests: int,
+                       runs_per_day: int = 4, seed: int = 1) -> Paths:
+    """A simulated fleet under `root`, ingested and run through the real pipeline with its
+    own PERF_PIPELINE_HOME (for module-scoped fixtures, which cannot use monkeypatch)."""
+    from perf_pipeline.defs.runner import run_pipeline
+    from perf_pipeline.ingest.landing import ingest_files
+    from perf_pipeline.ingest.simulator import simulate_fleet
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("PERF_PIPELINE_HOME", str(root / "home"))
+        patch.delenv("PERF_PIPELINE_DATABASE", raising=False)
+        patch.delenv("DAGSTER_HOME", raising=False)
+        paths = paths_from_env().ensure()
+        simulate_fleet(root / "sim", days=days, nodes=nodes, tests=tests, seed=seed, end=end,
+                       runs_per_day=runs_per_day)
+        ingest_files(sorted((root / "sim").rglob("*.jsonl")), paths.landing, today=end.date())
+        run_pipeline(paths, progress=lambda _: None)
+    return paths

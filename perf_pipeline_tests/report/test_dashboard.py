@@ -14,14 +14,16 @@ import dagster as dg
 import pandas as pd
 import pytest
 
-from perf_pipeline.config import paths_from_env
 from perf_pipeline.defs.reports import DASHBOARD_FILE
-from perf_pipeline.defs.runner import open_instance, run_pipeline
-from perf_pipeline.ingest.landing import ingest_files
-from perf_pipeline.ingest.simulator import simulate_fleet
+from perf_pipeline.defs.runner import open_instance
 from perf_pipeline.report.dashboard import CHARTS, TABLES, build_payload, render_dashboard, write_dashboard
 from perf_pipeline.storage.reports import DashboardData
-from perf_pipeline_tests.conftest import free_port, stop_process_group, wait_until_serving
+from perf_pipeline_tests.conftest import (
+    free_port,
+    materialized_fleet,
+    stop_process_group,
+    wait_until_serving,
+)
 
 HOSTILE = "</script><img src=x onerror=alert(1)>"
 HOSTILE_NODE = "<b onmouseover=alert(2)>node-x</b>"
@@ -201,17 +203,10 @@ def test_the_trend_line_of_a_near_zero_mean_series_is_mean_plus_slope_without_a_
 def fleet(tmp_path_factory):
     """A small fleet through the real pipeline: ingest runs, then analysis_job (which ends
     with performance_dashboard)."""
-    root = tmp_path_factory.mktemp("dashboard-fleet")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("PERF_PIPELINE_HOME", str(root / "home"))
-        patch.delenv("PERF_PIPELINE_DATABASE", raising=False)
-        patch.delenv("DAGSTER_HOME", raising=False)
-        paths = paths_from_env().ensure()
-        simulate_fleet(root / "sim", days=10, nodes=5, tests=6, seed=1, end=END, runs_per_day=4)
-        ingest_files(sorted((root / "sim").rglob("*.jsonl")), paths.landing, today=END.date())
-        run_pipeline(paths, progress=lambda _: None)
-        with open_instance(paths) as instance:
-            event = instance.get_latest_materialization_event(dg.AssetKey("performance_dashboard"))
+    paths = materialized_fleet(tmp_path_factory.mktemp("dashboard-fleet"), end=END, days=10,
+                               nodes=5, tests=6)
+    with open_instance(paths) as instance:
+        event = instance.get_latest_materialization_event(dg.AssetKey("performance_dashboard"))
     return paths, event.asset_materialization.metadata
 
 

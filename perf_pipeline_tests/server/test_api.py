@@ -24,10 +24,13 @@ from perf_pipeline.client import (
     ServiceUnavailableError,
 )
 from perf_pipeline.config import paths_from_env
-from perf_pipeline.defs.runner import run_pipeline
-from perf_pipeline.ingest.landing import ingest_files
-from perf_pipeline.ingest.simulator import simulate_fleet
-from perf_pipeline_tests.conftest import free_port, start_gateway, stop_process_group, wait_until_serving
+from perf_pipeline_tests.conftest import (
+    free_port,
+    materialized_fleet,
+    start_gateway,
+    stop_process_group,
+    wait_until_serving,
+)
 
 TOKEN = "api-test-token-0123456789abcdef"
 ADMIN = "api-test-admin-token-fedcba9876543210"
@@ -38,16 +41,8 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def fleet_home(tmp_path_factory):
     """PERF_PIPELINE_HOME holding the pipeline's tables for a 5-node, 5-test, 21-day fleet."""
-    root = tmp_path_factory.mktemp("api-fleet")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("PERF_PIPELINE_HOME", str(root / "home"))
-        patch.delenv("PERF_PIPELINE_DATABASE", raising=False)
-        patch.delenv("DAGSTER_HOME", raising=False)
-        paths = paths_from_env().ensure()
-        simulate_fleet(root / "sim", days=21, nodes=5, tests=5, seed=1, end=END, runs_per_day=4)
-        ingest_files(sorted((root / "sim").rglob("*.jsonl")), paths.landing, today=END.date())
-        run_pipeline(paths, progress=lambda _: None)
-    return paths
+    return materialized_fleet(tmp_path_factory.mktemp("api-fleet"), end=END, days=21, nodes=5,
+                              tests=5)
 
 
 def _server_env(home, *, admin: str | None = TOKEN) -> dict:

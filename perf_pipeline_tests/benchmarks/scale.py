@@ -58,11 +58,10 @@ def _cli(arguments: list[str], env: dict) -> tuple[float, float]:
 
 def _step_seconds(env: dict, since: float) -> dict[str, float]:
     """Seconds per asset (step) over the runs that started after `since` (epoch seconds)."""
-    os.environ.update({k: env[k] for k in ("PERF_PIPELINE_HOME",)})
     from perf_pipeline.defs.runner import open_instance
 
     seconds: dict[str, float] = defaultdict(float)
-    with open_instance(paths_from_env()) as instance:
+    with open_instance(paths_from_env(env)) as instance:
         for run in instance.get_runs():
             stats = instance.get_run_stats(run.run_id)
             if stats.start_time is None or stats.start_time < since:

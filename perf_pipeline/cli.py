@@ -325,32 +325,31 @@ def cmd_gate(args: argparse.Namespace) -> int:
     return outcome.exit_code
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
+def _serve(args: argparse.Namespace, *, dashboard: bool) -> int:
     from perf_pipeline.server.app import serve, settings_from_env
 
     paths = paths_from_env().ensure()
     settings = settings_from_env(paths.landing, host=args.host, port=args.port,
-                                 no_auth=args.no_auth,
+                                 no_auth=args.no_auth, serve_dashboard=dashboard,
                                  max_body_bytes=int(args.max_body_mb * 1024 * 1024))
-    print(f"metrics gateway on http://{settings.host}:{settings.port}/api/v1/metrics "
-          f"(landing: {paths.landing}; auth: {'off' if settings.token is None else 'bearer token'})",
-          flush=True)
+    base = f"http://{settings.host}:{settings.port}"
+    auth = "off" if settings.token is None else "bearer token"
+    if dashboard:
+        print(f"dashboard on {base}/ (file: {settings.dashboard}); JSON API under /api/v1/; "
+              f"auth: {auth}", flush=True)
+    else:
+        print(f"metrics gateway on {base}/api/v1/metrics (landing: {paths.landing}); JSON API "
+              f"under /api/v1/; auth: {auth}", flush=True)
     serve(settings)
     return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    return _serve(args, dashboard=False)
 
 
 def cmd_dashboard(args: argparse.Namespace) -> int:
-    from perf_pipeline.server.app import serve, settings_from_env
-
-    paths = paths_from_env().ensure()
-    settings = settings_from_env(paths.landing, host=args.host, port=args.port,
-                                 no_auth=args.no_auth, serve_dashboard=True,
-                                 max_body_bytes=int(args.max_body_mb * 1024 * 1024))
-    print(f"dashboard on http://{settings.host}:{settings.port}/ (file: {settings.dashboard}); "
-          f"JSON API under /api/v1/; auth: {'off' if settings.token is None else 'bearer token'}",
-          flush=True)
-    serve(settings)
-    return 0
+    return _serve(args, dashboard=True)
 
 
 def cmd_agent(args: argparse.Namespace) -> int:

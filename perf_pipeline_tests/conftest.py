@@ -1,3 +1,4 @@
+import contextlib
 import json
 import os
 import signal
@@ -123,12 +124,14 @@ def stop_process_group(process: subprocess.Popen) -> None:
         process.wait()
 
 
-def start_gateway(port: int, env: dict, *, arguments: tuple[str, ...] = ()) -> subprocess.Popen:
-    """`perf-pipeline serve` in its own process group on 127.0.0.1:`port` (not waited for)."""
+def start_gateway(port: int, env: dict, *, arguments: tuple[str, ...] = (),
+                  command: str = "serve") -> subprocess.Popen:
+    """`perf-pipeline serve` (or `dashboard`) in its own process group on 127.0.0.1:`port`
+    (not waited for)."""
     import sys
 
     return subprocess.Popen(
-        [sys.executable, "-m", "perf_pipeline.cli", "serve", "--port", str(port), *arguments],
+        [sys.executable, "-m", "perf_pipeline.cli", command, "--port", str(port), *arguments],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
 
 
@@ -171,3 +174,22 @@ def materialized_fleet(root: Path, *, end, days: int, nodes: int, tests: int,
         ingest_files(sorted((root / "sim").rglob("*.jsonl")), paths.landing, today=end.date())
         run_pipeline(paths, progress=lambda _: None)
     return paths
+
+
+@contextlib.contextmanager
+def serving(env: dict, *, secrets: tuple[str, ...], arguments: tuple[str, ...] = (),
+            command: str = "serve"):
+    """`perf-pipeline serve` (or `dashboard`) on a free loopback port, yielding its URL;
+    afterwards its output must hold none of `secrets` (never logged) and no traceback."""
+    port = free_port()
+    process = start_gateway(port, env, arguments=arguments, command=command)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until_serving(url, process)
+        yield url
+    finally:
+        stop_process_group(process)
+        output = process.stdout.read().decode()
+    assert "Traceback" not in output, output
+    for secret in secrets:
+        assert secret not in output, "a secret must never be logged"

@@ -5,7 +5,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 from datetime import datetime
 from html.parser import HTMLParser
 from pathlib import Path
@@ -18,12 +17,7 @@ from perf_pipeline.defs.reports import DASHBOARD_FILE
 from perf_pipeline.defs.runner import open_instance
 from perf_pipeline.report.dashboard import CHARTS, TABLES, build_payload, render_dashboard, write_dashboard
 from perf_pipeline.storage.reports import DashboardData
-from perf_pipeline_tests.conftest import (
-    free_port,
-    materialized_fleet,
-    stop_process_group,
-    wait_until_serving,
-)
+from perf_pipeline_tests.conftest import materialized_fleet, serving
 
 HOSTILE = "</script><img src=x onerror=alert(1)>"
 HOSTILE_NODE = "<b onmouseover=alert(2)>node-x</b>"
@@ -244,19 +238,13 @@ def test_a_real_browser_draws_every_chart_offline_and_the_filters_redraw(fleet, 
     if chromium is None:
         pytest.skip("no chromium on this machine (apt-get install chromium); CI installs it")
     paths, _ = fleet
-    port = free_port()
     env = {**os.environ, "PERF_PIPELINE_HOME": str(paths.home)}
     env.pop("PERF_API_TOKEN", None)
-    server = subprocess.Popen(
-        [sys.executable, "-m", "perf_pipeline.cli", "dashboard", "--port", str(port), "--no-auth"],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
     artifacts = Path(os.environ.get("PERF_TEST_ARTIFACTS", "var/test-artifacts"))
     artifacts.mkdir(parents=True, exist_ok=True)
     hostile = tmp_path / "hostile.html"
     write_dashboard(hostile, render_dashboard(build_payload(_data(), generated_at=END)))
-    try:
-        wait_until_serving(url, server)
+    with serving(env, secrets=(), command="dashboard", arguments=("--no-auth",)) as url:
         with playwright.sync_playwright() as p:
             browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
             page = browser.new_page(viewport={"width": 1280, "height": 900})
@@ -324,5 +312,3 @@ def test_a_real_browser_draws_every_chart_offline_and_the_filters_redraw(fleet, 
         assert not problems, problems
         assert not blocked, blocked
         assert not dialogs, dialogs
-    finally:
-        stop_process_group(server)

@@ -3,7 +3,6 @@
 from a small simulated fleet; the Python client asked locally and remotely must agree."""
 
 import asyncio
-import contextlib
 import json
 import os
 import socket
@@ -24,13 +23,7 @@ from perf_pipeline.client import (
     ServiceUnavailableError,
 )
 from perf_pipeline.config import paths_from_env
-from perf_pipeline_tests.conftest import (
-    free_port,
-    materialized_fleet,
-    start_gateway,
-    stop_process_group,
-    wait_until_serving,
-)
+from perf_pipeline_tests.conftest import materialized_fleet, serving
 
 TOKEN = "api-test-token-0123456789abcdef"
 ADMIN = "api-test-admin-token-fedcba9876543210"
@@ -54,34 +47,15 @@ def _server_env(home, *, admin: str | None = TOKEN) -> dict:
     return env if admin is None else {**env, "PERF_ADMIN_TOKEN": admin}
 
 
-@contextlib.contextmanager
 def _serving(env: dict, *arguments: str):
-    """One more `perf-pipeline serve`, stopped after; its log must hold no traceback."""
-    port = free_port()
-    process = start_gateway(port, env, arguments=arguments)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_until_serving(url, process)
-        yield url
-    finally:
-        stop_process_group(process)
-        output = process.stdout.read().decode()
-    assert "Traceback" not in output, output
-    for secret in (TOKEN, ADMIN):
-        assert secret not in output
+    """One more `perf-pipeline serve`, stopped after."""
+    return serving(env, secrets=(TOKEN, ADMIN), arguments=arguments)
 
 
 @pytest.fixture(scope="module")
 def server(fleet_home):
-    port = free_port()
-    process = start_gateway(port, _server_env(fleet_home.home))
-    url = f"http://127.0.0.1:{port}"
-    wait_until_serving(url, process)
-    yield url
-    stop_process_group(process)
-    output = process.stdout.read().decode()
-    assert TOKEN not in output, "the token must never be logged"
-    assert "Traceback" not in output, output
+    with serving(_server_env(fleet_home.home), secrets=(TOKEN, ADMIN)) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
@@ -324,18 +298,9 @@ def test_the_seed_example_runs_against_the_server(server, tmp_path, test_type):
 
 @pytest.fixture(scope="module")
 def dashboard(fleet_home):
-    port = free_port()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "perf_pipeline.cli", "dashboard", "--port", str(port)],
-        env=_server_env(fleet_home.home), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    wait_until_serving(url, process)
-    yield url
-    stop_process_group(process)
-    output = process.stdout.read().decode()
-    assert TOKEN not in output
-    assert "Traceback" not in output, output  # e.g. a login form cut off mid-body
+    # Its log must hold no traceback either, e.g. after a login form cut off mid-body.
+    with serving(_server_env(fleet_home.home), secrets=(TOKEN,), command="dashboard") as url:
+        yield url
 
 
 class _NoRedirect(urllib.request.HTTPRedirectHandler):

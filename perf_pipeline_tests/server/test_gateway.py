@@ -15,28 +15,16 @@ from perf_pipeline.cli import main
 from perf_pipeline.collect.push import PushError, push_bytes, push_rows
 from perf_pipeline.defs.runner import run_pipeline
 from perf_pipeline.storage.warehouse import open_warehouse
-from perf_pipeline_tests.conftest import (
-    free_port,
-    metric_row,
-    start_gateway,
-    stop_process_group,
-    wait_until_serving,
-)
+from perf_pipeline_tests.conftest import free_port, metric_row, serving
 
 TOKEN = "gateway-test-token-0123456789"
 
 
 @pytest.fixture
 def gateway(paths):
-    port = free_port()
-    process = start_gateway(port, {**os.environ, "PERF_API_TOKEN": TOKEN},
-                            arguments=("--max-body-mb", "1"))
-    url = f"http://127.0.0.1:{port}"
-    wait_until_serving(url, process)
-    yield url
-    stop_process_group(process)
-    output = process.stdout.read().decode()
-    assert TOKEN not in output, "the token must never be logged"
+    with serving({**os.environ, "PERF_API_TOKEN": TOKEN}, secrets=(TOKEN,),
+                 arguments=("--max-body-mb", "1")) as url:
+        yield url
 
 
 def _landing_files(paths):

@@ -1,4 +1,5 @@
-"""raw_metrics: one landing day into DuckDB, validated, with bad rows quarantined."""
+"""raw_metrics: landing days into DuckDB, validated, with bad rows quarantined; a range of
+days (a single-run backfill) is loaded in a few bulk statements."""
 
 
 from datetime import date
@@ -7,7 +8,7 @@ import dagster as dg
 
 from perf_pipeline.defs.partitions import daily_partitions
 from perf_pipeline.defs.resources import WarehouseResource
-from perf_pipeline.ingest.landing import read_landing_day
+from perf_pipeline.ingest.landing import day_files, load_landing_days
 from perf_pipeline.report.markdown import markdown_table
 
 # Above this share of quarantined rows a day is suspicious (a sender broke), not merely noisy.
@@ -30,20 +31,20 @@ QUARANTINE_WARN_SHARE = 0.05
     ],
 )
 def raw_metrics(context: dg.AssetExecutionContext, warehouse: WarehouseResource) -> dg.MaterializeResult:
+    days = [date.fromisoformat(key) for key in context.partition_keys]
     per_day, totals, reasons = [], {"rows_read": 0, "rows_loaded": 0, "rows_quarantined": 0}, {}
     with warehouse.open() as wh:
-        for key in context.partition_keys:
-            day = date.fromisoformat(key)
-            staged, files = read_landing_day(warehouse.landing, day)
-            if not files and wh.day_counts(day)["rows_loaded"]:
+        for day in days:
+            if not day_files(warehouse.landing, day) and wh.day_counts(day)["rows_loaded"]:
                 raise dg.Failure(
-                    f"no landing files for {key}, but rows of that day are stored; refusing to "
-                    f"erase them (restore landing/{key}/ or delete the day explicitly)")
-            counts = wh.replace_raw_day(day, staged, files)
-            stored = wh.day_counts(day)
-            context.log.info(f"{key}: {counts.rows_read} read, {counts.rows_loaded} loaded, "
+                    f"no landing files for {day}, but rows of that day are stored; refusing to "
+                    f"erase them (restore landing/{day}/ or delete the day explicitly)")
+        loads = load_landing_days(wh, warehouse.landing, days)
+        for day in days:
+            counts, stored = loads[day], wh.day_counts(day)
+            context.log.info(f"{day}: {counts.rows_read} read, {counts.rows_loaded} loaded, "
                              f"{counts.rows_quarantined} quarantined from {counts.files} files")
-            per_day.append({"day": key, **stored, "files": counts.files})
+            per_day.append({"day": day.isoformat(), **stored, "files": counts.files})
             for name in totals:
                 totals[name] += stored[name]
             for reason, count in counts.top_reasons:

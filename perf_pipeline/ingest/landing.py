@@ -12,18 +12,31 @@ import hashlib
 import re
 import shutil
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime, timezone
 from pathlib import Path
 
+import duckdb
 import pandas as pd
 
 from perf_pipeline.collect.files import write_atomic
 from perf_pipeline.ingest.formats import is_supported, stage_bytes
-from perf_pipeline.storage.warehouse import STAGING_COLUMNS, LandingFile, Warehouse, connect
+from perf_pipeline.storage.warehouse import (
+    STAGING_COLUMNS,
+    LandingFile,
+    LoadCounts,
+    Warehouse,
+    connect,
+)
 
 _DAY_FOLDER = re.compile(r"^\d{4}-\d{2}-\d{2}$")
+_JSON_LINES = (".jsonl", ".ndjson")
+# DuckDB reads a path with these as a pattern; such a file goes through the parser instead.
+_GLOB_CHARACTERS = re.compile(r"[*?\[\]{}]")
+# A load stages at most this many bytes of landing files: a long backfill is a few large
+# statements rather than one per day, and its memory stays bounded.
+LOAD_CHUNK_BYTES = 256 * 2**20
 
 
 @dataclass
@@ -104,16 +117,71 @@ def _relative(landing: Path, path: Path) -> str:
     return path.relative_to(landing).as_posix()
 
 
+def landing_files(landing: Path, day: date) -> list[tuple[Path, LandingFile]]:
+    """The day's landing files: where each is, and how loading records it."""
+    return [(path, LandingFile(path=_relative(landing, path), checksum=file_checksum(path),
+                               size_bytes=path.stat().st_size, day=day))
+            for path in day_files(landing, day)]
+
+
 def read_landing_day(landing: Path, day: date) -> tuple[pd.DataFrame, list[LandingFile]]:
-    """Stage every record of one landing day, with the files they came from."""
+    """Stage every record of one landing day through the format parsers, with its files."""
     frames, files = [], []
     for path in day_files(landing, day):
         data = path.read_bytes()
         name = _relative(landing, path)
-        files.append(LandingFile(path=name, checksum=checksum(data), size_bytes=len(data)))
+        files.append(LandingFile(path=name, checksum=checksum(data), size_bytes=len(data), day=day))
         frames.append(stage_bytes(data, suffix=path.suffix, source_file=name))
     staged = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=STAGING_COLUMNS)
     return staged, files
+
+
+def load_landing_days(warehouse: Warehouse, landing: Path, days: Sequence[date], *,
+                      chunk_bytes: int = LOAD_CHUNK_BYTES) -> dict[date, LoadCounts]:
+    """Replace `days` in the warehouse with their landing files, validated, in loads of at
+    most `chunk_bytes` of files (a day is never split; each load is one transaction).
+
+    JSON Lines files, everything the archive writes itself, are read and split by DuckDB,
+    in one statement per load; any other format, and a JSON Lines file DuckDB cannot read
+    as UTF-8 text, goes through its parser in formats.py. Both stage the same records."""
+    counts: dict[date, LoadCounts] = {}
+    for chunk in _load_chunks([(day, landing_files(landing, day)) for day in days], chunk_bytes):
+        warehouse.begin_staging()
+        by_duckdb = []
+        for path, file in (entry for _, entries in chunk for entry in entries):
+            if path.suffix.lower() in _JSON_LINES and not _GLOB_CHARACTERS.search(str(path)):
+                by_duckdb.append((path, file))
+            else:
+                _stage_with_parser(warehouse, path, file)
+        try:
+            warehouse.stage_json_lines([(str(path), file.path, file.day) for path, file in by_duckdb])
+        except duckdb.Error:  # one file that is not UTF-8: find it, read the rest as planned
+            for path, file in by_duckdb:
+                try:
+                    warehouse.stage_json_lines([(str(path), file.path, file.day)])
+                except duckdb.Error:
+                    _stage_with_parser(warehouse, path, file)
+        counts.update(warehouse.replace_staged_days(
+            [day for day, _ in chunk], [file for _, entries in chunk for _, file in entries]))
+    return counts
+
+
+def _stage_with_parser(warehouse: Warehouse, path: Path, file: LandingFile) -> None:
+    warehouse.stage_records(stage_bytes(path.read_bytes(), suffix=path.suffix,
+                                        source_file=file.path), file.day)
+
+
+def _load_chunks(days: list[tuple[date, list[tuple[Path, LandingFile]]]], limit: int):
+    chunk, size = [], 0
+    for day, entries in days:
+        day_size = sum(file.size_bytes for _, file in entries)
+        if chunk and size + day_size > limit:
+            yield chunk
+            chunk, size = [], 0
+        chunk.append((day, entries))
+        size += day_size
+    if chunk:
+        yield chunk
 
 
 def ingest_files(paths: list[Path], landing: Path, *, today: date | None = None,

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import date, datetime, timedelta
 from pathlib import Path
 
@@ -28,7 +28,9 @@ MAX_TEXT_FIELD = 1000
 # same expression to choose a record's landing day, so the two can never disagree.
 TIMESTAMP_SQL = """
     CASE
-        WHEN TRY_CAST({text} AS DOUBLE) IS NOT NULL THEN
+        -- a number never contains ':' and an ISO timestamp's time does: the cheap test
+        -- spares most records a failing cast
+        WHEN NOT contains({text}, ':') AND TRY_CAST({text} AS DOUBLE) IS NOT NULL THEN
             CASE
                 WHEN TRY_CAST({text} AS DOUBLE) BETWEEN 0 AND 1e11
                     THEN to_timestamp(TRY_CAST({text} AS DOUBLE))
@@ -49,76 +51,92 @@ RAW_KEY = "_raw"
 STAGING_COLUMNS = ["source_file", "source_line", "raw_line", "pre_reason"]
 
 _FIELDS = ("timestamp", "metric_name", "metric_value", "test_name", "test_type", "node_id",
-           "node_type", "test_run_id", "ci_job_id", "unit", "context_data")
+           "node_type", "test_run_id", "ci_job_id", "unit", "context_data", REJECTED_KEY)
 _TEXT_FIELDS = ("metric_name", "test_name", "test_type", "node_id", "node_type", "test_run_id",
                 "ci_job_id", "unit")
-_PATHS = "[" + ", ".join(f"'$.{name}'" for name in _FIELDS) + "]"
+# Each record is parsed once, into a struct of its fields' JSON texts; the type of a field is
+# read from its text's first character and a string's value is its text unquoted (a text
+# with an escape is decoded by the JSON parser). Parsing each line once is what makes loading
+# run near DuckDB's own read_json (see docs/architecture.md).
+_RECORD_STRUCT = "{" + ", ".join(f'"{name}": "JSON"' for name in _FIELDS) + "}"
 
 
-def _field(name: str) -> str:
-    return f"f[{_FIELDS.index(name) + 1}]"
+def _is_string(text: str) -> str:
+    """Whether a field's JSON text is a string."""
+    return f"starts_with({text}, '\"')"
 
 
-def _type(name: str) -> str:
-    return f"t[{_FIELDS.index(name) + 1}]"
+def _json_string(text: str) -> str:
+    """A field's value as text: a string unquoted, anything else its JSON text."""
+    return f"""CASE WHEN NOT {_is_string(text)} THEN {text}
+        WHEN contains({text}, '\\') THEN json_extract_string({text}, '$')
+        ELSE {text}[2:-2] END"""
 
 
-_PARSE_SQL = f"""
-CREATE OR REPLACE TEMP TABLE parsed AS
-WITH typed AS (
-    SELECT *, CASE WHEN json_valid(raw_line)
-                   THEN json_type(raw_line) END AS record_type
+# staging_input (source_file, source_line, raw_line, pre_reason, partition_day) -> one row
+# per record with its fields typed; partition_day is NULL where records are only judged.
+_PARSED_SQL = f"""
+WITH decoded AS (
+    SELECT source_file, source_line, raw_line, pre_reason, partition_day,
+        {{decode}}(from_json(raw_line, '{_RECORD_STRUCT}')) AS r,
+        ltrim(raw_line, ' \t\r\n')[1] = '{{' AS braced
     FROM staging_input
-), extracted AS (
-    SELECT *,
-        CASE WHEN record_type = 'OBJECT' THEN json_extract_string(raw_line, {_PATHS}) END AS f,
-        CASE WHEN record_type = 'OBJECT' THEN json_type(raw_line, {_PATHS}) END AS t
+), typed AS (
+    SELECT source_file, source_line, partition_day, pre_reason,
+        CASE WHEN pre_reason IS NOT NULL THEN NULL
+             WHEN r IS NOT NULL AND braced THEN 'OBJECT'
+             -- the rare line that is not a readable object: what it is instead
+             WHEN NOT json_valid(raw_line) THEN NULL
+             WHEN braced THEN 'UNREADABLE'
+             ELSE json_type(raw_line) END AS record_type,
+        {", ".join(f"CAST(r.{name} AS VARCHAR) AS j_{name}" for name in _FIELDS)}
+    FROM decoded
+), fields AS (
+    SELECT source_file, source_line, partition_day, record_type,
+        coalesce(pre_reason, {_json_string("j_" + REJECTED_KEY)}) AS pre_reason,
+        CASE {" ".join(f"WHEN NOT {_is_string('j_' + n)} THEN '{n}'" for n in _TEXT_FIELDS)}
+            END AS non_string_field,
+        CASE WHEN j_metric_value IS NULL OR {_is_string('j_metric_value')} THEN true
+             ELSE j_metric_value[1] NOT IN ('{{', '[', 't', 'f') END AS value_is_scalar,
+        CASE WHEN j_timestamp IS NULL OR {_is_string('j_timestamp')} THEN true
+             ELSE j_timestamp[1] NOT IN ('{{', '[', 't', 'f') END AS timestamp_is_scalar,
+        j_context_data IS NULL OR starts_with(j_context_data, '{{') AS context_is_object,
+        {", ".join(f"{_json_string('j_' + name)} AS {name}" for name in _TEXT_FIELDS)},
+        {_json_string("j_timestamp")} AS timestamp_text,
+        {_json_string("j_metric_value")} AS value_text,
+        CASE WHEN starts_with(j_context_data, '{{') THEN CAST(j_context_data AS JSON) END AS context_data
     FROM typed
 )
-SELECT * EXCLUDE (f, pre_reason),
-    coalesce(pre_reason, CASE WHEN record_type = 'OBJECT'
-        THEN json_extract_string(raw_line, '$.{REJECTED_KEY}') END) AS pre_reason,
-    {_field('metric_name')} AS metric_name_sent,
-    {_field('unit')} AS unit_sent,
-    {_field('timestamp')} AS timestamp_text,
-    TRY_CAST({_field('metric_value')} AS DOUBLE) AS value_sent,
-    {_field('metric_value')} AS value_text,
-    {TIMESTAMP_SQL.format(text=_field('timestamp'))} AS ts,
-    {", ".join(f"{_field(name)} AS {name}" for name in _TEXT_FIELDS[1:-1])},
-    CASE WHEN {_type('context_data')} = 'OBJECT'
-         THEN json_extract(raw_line, '$.context_data') END AS context_data,
-    {_type('context_data')} AS context_type,
-    greatest({", ".join(f"coalesce(length({_field(n)}), 0)" for n in _TEXT_FIELDS)})
-        AS longest_text
-FROM extracted
+SELECT * EXCLUDE (metric_name, unit), metric_name AS metric_name_sent, unit AS unit_sent,
+    TRY_CAST(value_text AS DOUBLE) AS value_sent,
+    {TIMESTAMP_SQL.format(text="timestamp_text")} AS ts,
+    greatest({", ".join(f"coalesce(length({n}), 0)" for n in _TEXT_FIELDS)}) AS longest_text
+FROM fields
 """
 
-_TEXT_TYPE_CHECKS = "\n".join(
-    f"WHEN {_type(name)} NOT IN ('VARCHAR', 'NULL') THEN '{name} must be a string'"
-    for name in _TEXT_FIELDS)
-
+# staging_input -> validated: every record with its reason to be quarantined (NULL: load it).
 _VALIDATE_SQL = f"""
 CREATE OR REPLACE TEMP TABLE validated AS
+WITH parsed AS ({_PARSED_SQL})
 SELECT p.*, a.metric_name AS canonical_metric, c.scope, u.factor,
     CASE
         WHEN p.pre_reason IS NOT NULL THEN p.pre_reason
         WHEN p.record_type IS NULL THEN 'line is not valid JSON'
+        WHEN p.record_type = 'UNREADABLE' THEN 'record cannot be read as a metric row'
         WHEN p.record_type <> 'OBJECT' THEN 'record is not a JSON object'
         WHEN p.metric_name_sent IS NULL OR trim(p.metric_name_sent) = '' THEN 'missing metric_name'
-        {_TEXT_TYPE_CHECKS}
+        WHEN p.non_string_field IS NOT NULL THEN p.non_string_field || ' must be a string'
         WHEN p.longest_text > {MAX_TEXT_FIELD}
             THEN 'a text field is longer than {MAX_TEXT_FIELD} characters'
         WHEN a.metric_name IS NULL THEN 'unknown metric: ' || left(p.metric_name_sent, 200)
         WHEN p.value_text IS NULL THEN 'missing metric_value'
-        WHEN {_type('metric_value')} NOT IN ('BIGINT', 'UBIGINT', 'DOUBLE', 'VARCHAR')
-            OR p.value_sent IS NULL THEN 'metric_value is not a number'
+        WHEN NOT p.value_is_scalar OR p.value_sent IS NULL THEN 'metric_value is not a number'
         WHEN NOT isfinite(p.value_sent) THEN 'metric_value is not finite'
         WHEN p.timestamp_text IS NULL THEN 'missing timestamp'
-        WHEN {_type('timestamp')} NOT IN ('BIGINT', 'UBIGINT', 'DOUBLE', 'VARCHAR')
-            OR p.ts IS NULL OR NOT isfinite(p.ts) THEN 'invalid timestamp: ' || left(p.timestamp_text, 64)
-        WHEN p.ts < $day_start OR p.ts >= $day_end
+        WHEN NOT p.timestamp_is_scalar OR p.ts IS NULL OR NOT isfinite(p.ts) THEN 'invalid timestamp: ' || left(p.timestamp_text, 64)
+        WHEN CAST(p.ts AS DATE) <> p.partition_day
             THEN 'timestamp ' || strftime(p.ts, '%Y-%m-%dT%H:%M:%S') || ' is outside partition day '
-                 || strftime($day_start, '%Y-%m-%d')
+                 || strftime(p.partition_day, '%Y-%m-%d')
         WHEN p.node_id IS NULL OR trim(p.node_id) = '' THEN 'missing node_id'
         WHEN c.scope = 'test' AND (p.test_name IS NULL OR trim(p.test_name) = '')
             THEN 'missing test_name for per-test metric ' || c.metric_name
@@ -133,8 +151,7 @@ SELECT p.*, a.metric_name AS canonical_metric, c.scope, u.factor,
         WHEN c.max_value IS NOT NULL AND p.value_sent * u.factor > c.max_value
             THEN 'metric_value ' || p.value_sent || ' is above the maximum ' || c.max_value
                  || ' for ' || c.metric_name
-        WHEN p.context_type IS NOT NULL AND p.context_type NOT IN ('OBJECT', 'NULL')
-            THEN 'context_data is not a JSON object'
+        WHEN NOT p.context_is_object THEN 'context_data is not a JSON object'
     END AS reason
 FROM parsed p
 LEFT JOIN metric_aliases a ON a.alias = lower(trim(p.metric_name_sent))
@@ -142,6 +159,13 @@ LEFT JOIN metric_catalog c ON c.metric_name = a.metric_name
 LEFT JOIN metric_units u ON u.metric_name = a.metric_name
     AND u.unit = lower(trim(coalesce(p.unit_sent, a.alias_unit, c.unit)))
 """
+
+# A line that is not JSON makes from_json fail the whole statement, and `try` costs every
+# line a third of the parse: validation first runs without it, and again with it only when
+# a batch holds such a line.
+_VALIDATE_STRICT_SQL, _VALIDATE_TOLERANT_SQL = (_VALIDATE_SQL.replace("{decode}", decode)
+                                                for decode in ("", "try"))
+
 
 # Canonical name and factor of every stored raw row: the same lookup validation used.
 _CANONICAL_JOIN = """
@@ -215,15 +239,80 @@ def filter_clauses(filters: Mapping[str, str | Sequence[str]]) -> tuple[list[str
     return clauses, parameters
 
 
+_STAGING_TABLE_SQL = """
+CREATE OR REPLACE TEMP TABLE staging_input (source_file VARCHAR, source_line INTEGER,
+    raw_line VARCHAR, pre_reason VARCHAR, partition_day DATE)
+"""
+_STAGE_RECORDS_SQL = """
+INSERT INTO staging_input
+SELECT source_file, source_line, raw_line, pre_reason, CAST(? AS DATE) FROM staged_frame
+"""
+# JSON Lines files read whole by DuckDB, then split into numbered lines the way
+# formats.parse_jsonl numbers them: from 1, blank lines skipped but counted, a trailing
+# carriage return dropped, a byte order mark before the first line ignored.
+_READ_TEXTS_SQL = """
+CREATE OR REPLACE TEMP TABLE staging_texts AS
+WITH wanted AS (
+    SELECT unnest(CAST($1 AS VARCHAR[])) AS location, unnest(CAST($2 AS VARCHAR[])) AS name,
+           unnest(CAST($3 AS DATE[])) AS day
+)
+SELECT w.name, w.day, string_split(t.content, chr(10)) AS lines
+FROM read_text($1) t JOIN wanted w ON t.filename = w.location
+"""
+_STAGE_TEXTS_SQL = """
+INSERT INTO staging_input
+SELECT name, number,
+    CASE WHEN number = 1 THEN ltrim(text, chr(65279)) ELSE text END, NULL, day
+FROM (
+    SELECT name, day, number, CASE WHEN ends_with(line, chr(13)) THEN line[:-2] ELSE line END AS text
+    FROM (SELECT name, day, unnest(lines) AS line, generate_subscripts(lines, 1) AS number
+          FROM staging_texts)
+    -- most lines start with '{': only the others are searched for anything but white space
+    WHERE starts_with(line, '{') OR trim(line, ' ' || chr(9) || chr(10) || chr(11) || chr(12) || chr(13)) <> '')
+"""
+_DELETE_DAYS_SQL = {table: f"DELETE FROM {table} WHERE partition_day IN (SELECT unnest(CAST(? AS DATE[])))"
+                    for table in ("quarantined_metrics", "ingested_files")}
+_INSERT_LOADED_SQL = """
+INSERT INTO performance_metrics (timestamp, metric_name, metric_value, test_name, test_type,
+    node_id, node_type, test_run_id, ci_job_id, context_data, unit, source_file, source_line)
+SELECT ts, metric_name_sent, value_sent, test_name, test_type, node_id, node_type,
+    test_run_id, ci_job_id, context_data, unit_sent, source_file, source_line
+FROM validated WHERE reason IS NULL
+ORDER BY ts
+"""
+_INSERT_QUARANTINED_SQL = """
+INSERT INTO quarantined_metrics
+SELECT v.partition_day, v.source_file, v.source_line, s.raw_line, v.reason, now()::TIMESTAMP
+FROM validated v JOIN staging_input s USING (source_file, source_line)
+WHERE v.reason IS NOT NULL
+"""
+_INSERT_FILES_SQL = """
+INSERT INTO ingested_files
+SELECT f.partition_day, f.path, f.checksum, f.size_bytes, count(v.source_line),
+    count(v.source_line) FILTER (v.reason IS NULL),
+    count(v.source_line) FILTER (v.reason IS NOT NULL),
+    CASE WHEN count(v.source_line) FILTER (v.reason IS NOT NULL) = 0 THEN 'loaded'
+         ELSE 'loaded_with_quarantine' END,
+    now()::TIMESTAMP
+FROM loaded_files f LEFT JOIN validated v ON v.source_file = f.path
+GROUP BY f.partition_day, f.path, f.checksum, f.size_bytes
+"""
+
+
+def _day_start(day: date) -> datetime:
+    return datetime(day.year, day.month, day.day)
+
+
 class WarehouseLockedError(RuntimeError):
     """Another process holds the DuckDB file open for writing."""
 
 
 @dataclass(frozen=True)
 class LandingFile:
-    path: str
+    path: str  # relative to the landing folder, as records name their source
     checksum: str
     size_bytes: int
+    day: date | None = None  # the partition it belongs to
 
 
 @dataclass(frozen=True)
@@ -305,85 +394,127 @@ class Warehouse:
 
     # ---------------------------------------------------------------- raw metrics
 
+    def begin_staging(self) -> None:
+        """An empty staging_input: the records of one load, from any number of files and days."""
+        self.con.execute(_STAGING_TABLE_SQL)
+
+    def stage_records(self, staged: pd.DataFrame, day: date | None = None) -> None:
+        """Add records a format parser staged (STAGING_COLUMNS) to partition `day` (None:
+        records only judged, as the gateway does)."""
+        self.con.register("staged_frame", staged[STAGING_COLUMNS])
+        try:
+            self.con.execute(_STAGE_RECORDS_SQL, [day])
+        finally:
+            self.con.unregister("staged_frame")
+
+    def stage_json_lines(self, files: Sequence[tuple[str, str, date]]) -> None:
+        """Add every non-blank line of JSON Lines files, read and split by DuckDB itself, as
+        formats.parse_jsonl would stage them: `files` are (location on disk, name to record,
+        partition day). Raises duckdb.Error, staging nothing, when a file is not UTF-8 text
+        or cannot be read (the caller stages that file through the format parser instead)."""
+        if not files:
+            return
+        locations = [location for location, _, _ in files]
+        self.con.execute(_READ_TEXTS_SQL, [locations, [name for _, name, _ in files],
+                                           [day for _, _, day in files]])
+        try:
+            read = self.con.execute("SELECT count(*) FROM staging_texts").fetchall()[0][0]
+            if read != len(files):
+                raise duckdb.InvalidInputException(
+                    f"read_text returned {read} of {len(files)} files")
+            self.con.execute(_STAGE_TEXTS_SQL)
+        finally:
+            self.con.execute("DROP TABLE IF EXISTS staging_texts")
+
+    def _validate(self) -> None:
+        """staging_input -> validated (see _VALIDATE_SQL)."""
+        try:
+            self.con.execute(_VALIDATE_STRICT_SQL)
+        except (duckdb.InvalidInputException, duckdb.ConversionException):
+            self.con.execute(_VALIDATE_TOLERANT_SQL)
+
     def landing_days_of(self, staged: pd.DataFrame) -> list[date | None]:
         """Each staged record's UTC day by the rule validation applies (None if it has none).
 
         Records are identified by (source_file, source_line), which every parser keeps
         unique and ascending, so the result lines up with `staged`.
         """
-        self.con.register("staging_input", staged[STAGING_COLUMNS])
-        try:
-            self.con.execute(_PARSE_SQL)
-            return [row[0] for row in self.con.execute(
-                "SELECT CASE WHEN isfinite(ts) THEN CAST(ts AS DATE) END FROM parsed "
-                "ORDER BY source_file, source_line").fetchall()]
-        finally:
-            self.con.unregister("staging_input")
+        self.begin_staging()
+        self.stage_records(staged)
+        return [row[0] for row in self.con.execute(f"""
+            WITH parsed AS ({_PARSED_SQL.replace("{decode}", "try")})
+            SELECT CASE WHEN isfinite(ts) THEN CAST(ts AS DATE) END FROM parsed
+            ORDER BY source_file, source_line""").fetchall()]
 
     def check_records(self, staged: pd.DataFrame) -> list[tuple[int, str | None, date | None]]:
         """Validate staged records by the rules loading applies, storing nothing: each record's
         (source_line, reason or None, UTC day) in `staged`'s order. Used where rows must be
         judged before they reach the landing archive (the HTTP gateway)."""
-        self.con.register("staging_input", staged[STAGING_COLUMNS])
-        try:
-            self.con.execute(_PARSE_SQL)
-            self.con.execute(_VALIDATE_SQL, {"day_start": datetime(1, 1, 1),
-                                             "day_end": datetime(9999, 12, 31)})
-            return [(int(line), reason, day) for line, reason, day in self.con.execute(
-                "SELECT source_line, reason, CASE WHEN isfinite(ts) THEN CAST(ts AS DATE) END "
-                "FROM validated ORDER BY source_file, source_line").fetchall()]
-        finally:
-            self.con.unregister("staging_input")
+        self.begin_staging()
+        self.stage_records(staged)
+        self._validate()
+        return [(int(line), reason, day) for line, reason, day in self.con.execute(
+            "SELECT source_line, reason, CASE WHEN isfinite(ts) THEN CAST(ts AS DATE) END "
+            "FROM validated ORDER BY source_file, source_line").fetchall()]
 
     def replace_raw_day(self, day: date, staged: pd.DataFrame,
                         files: Sequence[LandingFile]) -> LoadCounts:
         """Validate one day's staged records and replace that day's rows, quarantine and files."""
-        day_start = datetime(day.year, day.month, day.day)
-        day_end = day_start + timedelta(days=1)
-        self.con.register("staging_input", staged[STAGING_COLUMNS])
+        self.begin_staging()
+        self.stage_records(staged, day)
+        return self.replace_staged_days([day], [replace(f, day=day) for f in files])[day]
+
+    def replace_staged_days(self, days: Sequence[date],
+                            files: Sequence[LandingFile]) -> dict[date, LoadCounts]:
+        """Validate everything staged and replace the rows, quarantine and file records of
+        `days` with it, in one transaction: re-running a range never duplicates or loses a
+        row. Every staged record must belong to one of `days`; `files` are what was read."""
+        days = sorted(set(days))
+        if not days:
+            return {}
+        self._validate()
+        strays = self.con.execute(
+            "SELECT count(*) FROM validated WHERE partition_day IS NULL "
+            "OR partition_day NOT IN (SELECT unnest(CAST(? AS DATE[])))", [days]).fetchall()[0][0]
+        if strays:
+            raise ValueError(f"{strays} staged records belong to none of the days being replaced")
+        first, stop = _day_start(days[0]), _day_start(days[-1]) + timedelta(days=1)
+        self.con.register("loaded_files", pd.DataFrame(
+            [(f.day, f.path, f.checksum, f.size_bytes) for f in files],
+            columns=["partition_day", "path", "checksum", "size_bytes"]).astype(
+                {"partition_day": "datetime64[s]", "size_bytes": "int64"}))
         try:
-            self.con.execute(_PARSE_SQL)
-            self.con.execute(_VALIDATE_SQL, {"day_start": day_start, "day_end": day_end})
+            with self.transaction():
+                self.con.execute(
+                    "DELETE FROM performance_metrics WHERE timestamp >= ? AND timestamp < ? "
+                    "AND CAST(timestamp AS DATE) IN (SELECT unnest(CAST(? AS DATE[])))",
+                    [first, stop, days])
+                for table in ("quarantined_metrics", "ingested_files"):
+                    self.con.execute(_DELETE_DAYS_SQL[table], [days])
+                self.con.execute(_INSERT_LOADED_SQL)
+                self.con.execute(_INSERT_QUARANTINED_SQL)
+                self.con.execute(_INSERT_FILES_SQL)
         finally:
-            self.con.unregister("staging_input")
-        with self.transaction():
-            self.con.execute("DELETE FROM performance_metrics WHERE timestamp >= ? AND timestamp < ?",
-                             [day_start, day_end])
-            self.con.execute("DELETE FROM quarantined_metrics WHERE partition_day = ?", [day])
-            self.con.execute("DELETE FROM ingested_files WHERE partition_day = ?", [day])
-            self.con.execute("""
-                INSERT INTO performance_metrics (timestamp, metric_name, metric_value, test_name,
-                    test_type, node_id, node_type, test_run_id, ci_job_id, context_data, unit,
-                    source_file, source_line)
-                SELECT ts, metric_name_sent, value_sent, test_name, test_type, node_id, node_type,
-                    test_run_id, ci_job_id, context_data, unit_sent, source_file, source_line
-                FROM validated WHERE reason IS NULL
-                ORDER BY ts
-            """)
-            self.con.execute("""
-                INSERT INTO quarantined_metrics
-                SELECT ?, source_file, source_line, raw_line, reason, now()::TIMESTAMP
-                FROM validated WHERE reason IS NOT NULL
-            """, [day])
-            if files:
-                self.con.executemany("""
-                INSERT INTO ingested_files
-                SELECT ?, ?, ?, ?, count(*), count(*) FILTER (reason IS NULL),
-                    count(*) FILTER (reason IS NOT NULL),
-                    CASE WHEN count(*) FILTER (reason IS NOT NULL) = 0 THEN 'loaded'
-                         ELSE 'loaded_with_quarantine' END,
-                    now()::TIMESTAMP
-                FROM validated WHERE source_file = ?
-                """, [[day, f.path, f.checksum, f.size_bytes, f.path] for f in files])
-        read, loaded = self.con.execute(
-            "SELECT count(*), count(*) FILTER (reason IS NULL) FROM validated").fetchall()[0]
-        reasons = self.con.execute("""
-            SELECT regexp_replace(reason, ':.*$', '') AS kind, count(*) FROM validated
-            WHERE reason IS NOT NULL GROUP BY kind ORDER BY count(*) DESC, kind LIMIT 5
-        """).fetchall()
-        return LoadCounts(rows_read=int(read), rows_loaded=int(loaded),
-                          rows_quarantined=int(read - loaded), files=len(files),
-                          top_reasons=[(str(r), int(n)) for r, n in reasons])
+            self.con.unregister("loaded_files")
+        counts = {day: [0, 0] for day in days}
+        for day, read, loaded in self.con.execute(
+                "SELECT partition_day, count(*), count(*) FILTER (reason IS NULL) FROM validated "
+                "GROUP BY partition_day").fetchall():
+            counts[day] = [int(read), int(loaded)]
+        reasons: dict[date, list[tuple[str, int]]] = {day: [] for day in days}
+        for day, kind, number in self.con.execute("""
+            SELECT partition_day, kind, n FROM (
+                SELECT partition_day, regexp_replace(reason, ':.*$', '') AS kind, count(*) AS n
+                FROM validated WHERE reason IS NOT NULL GROUP BY ALL)
+            QUALIFY row_number() OVER (PARTITION BY partition_day ORDER BY n DESC, kind) <= 5
+            ORDER BY partition_day, n DESC, kind
+        """).fetchall():
+            reasons[day].append((str(kind), int(number)))
+        files_per_day = {day: sum(f.day == day for f in files) for day in days}
+        return {day: LoadCounts(rows_read=read, rows_loaded=loaded,
+                                rows_quarantined=read - loaded, files=files_per_day[day],
+                                top_reasons=reasons[day])
+                for day, (read, loaded) in counts.items()}
 
     def ingested_checksums(self) -> dict[date, dict[str, str]]:
         """{day: {landing path: checksum}} of what raw_metrics last loaded."""

@@ -1,12 +1,20 @@
 """Ingest into the landing archive and validation of a day into DuckDB, on real files."""
 
 import json
-from datetime import date
+from datetime import date, datetime, timezone
 
+import duckdb
 import pytest
 
 from perf_pipeline.ingest.formats import UnsupportedFormatError, stage_bytes
-from perf_pipeline.ingest.landing import ingest_files, landed_days, read_landing_day, write_atomic
+from perf_pipeline.ingest.landing import (
+    ingest_files,
+    landed_days,
+    load_landing_days,
+    read_landing_day,
+    write_atomic,
+)
+from perf_pipeline.ingest.simulator import simulate_fleet
 from perf_pipeline.storage.warehouse import open_warehouse
 from perf_pipeline_tests.conftest import metric_row, write_jsonl
 
@@ -185,3 +193,91 @@ def test_landing_state_sees_a_replaced_file(tmp_path):
     second = landing_state(landing)
     assert first != second
     assert second == landing_state(landing)
+
+
+def _stored(database):
+    """Everything a load leaves behind, in a stable order, without load times and ids."""
+    with open_warehouse(database, read_only=True) as wh:
+        return tuple(wh.con.execute(sql).fetchall() for sql in (
+            "SELECT * EXCLUDE (id) FROM performance_metrics ORDER BY source_file, source_line",
+            "SELECT * EXCLUDE (quarantined_at) FROM quarantined_metrics "
+            "ORDER BY source_file, source_line",
+            "SELECT * EXCLUDE (loaded_at) FROM ingested_files ORDER BY path"))
+
+
+def test_duckdb_reads_json_lines_exactly_as_the_format_parser_stages_them(paths, tmp_path):
+    """The bulk path (DuckDB reads and splits the files) and the parser path must store the
+    same rows, quarantine the same records for the same reasons, and count the same files."""
+    good = metric_row("2026-11-01T10:00:00Z", value=2.5, run="run-1")
+    escaped = metric_row("2026-11-01T11:00:00Z", test_name='tests/a "quoted" \\ name', run="r2")
+    odd = [
+        "\ufeff" + json.dumps(good),                            # byte order mark
+        json.dumps(escaped, ensure_ascii=True) + "\r",          # CRLF, escapes
+        "", "   \t ",                                           # blank lines, counted
+        json.dumps(metric_row("2026-11-01T12:00:00Z", test_name="tëst-ünïcode-✓")),
+        json.dumps(metric_row("2026-11-01T12:30:00Z", node_id=12)),       # not a string
+        json.dumps(metric_row("2026-11-01T12:40:00Z", value="3.5")),      # number as text
+        json.dumps(metric_row(1793534400, metric_name="cpu_usage", value=5, test_name=None)),
+        json.dumps(metric_row("2026-11-02T01:00:00Z")),                   # another day
+        json.dumps(metric_row("2026-11-01T13:00:00Z", context_data=[1, 2])),
+        "{broken", "[1, 2]", "null", "42", '"text"',
+        json.dumps({**good, "metric_value": {"v": 1}}),
+        json.dumps({**good, "timestamp": True}),
+    ]
+    folder = paths.landing / DAY.isoformat()
+    folder.mkdir(parents=True)
+    (folder / "odd.jsonl").write_text("\n".join(odd) + "\n", encoding="utf-8")
+    (folder / "latin1.jsonl").write_bytes(json.dumps(good).encode() + b"\n" + b'{"node_id": "\xe9"}\n')
+    (folder / "more.ndjson").write_text(json.dumps(good) + "\n")
+    (folder / "table.csv").write_text("timestamp,metric_name,metric_value,node_id,test_name\n"
+                                      "2026-11-01T09:00:00Z,test_execution_time,1.5,node-01,t1\n")
+
+    with open_warehouse(paths.database) as wh:
+        counts = load_landing_days(wh, paths.landing, [DAY])[DAY]
+    by_parser = tmp_path / "by_parser.duckdb"
+    staged, files = read_landing_day(paths.landing, DAY)
+    with open_warehouse(by_parser) as wh:
+        expected = wh.replace_raw_day(DAY, staged, files)
+
+    assert counts == expected
+    assert counts.rows_read == len(odd) - 2 + 2 + 1 + 1 and counts.files == 4
+    with open_warehouse(paths.database) as wh:  # DuckDB reads the UTF-8 file itself …
+        wh.begin_staging()
+        wh.stage_json_lines([(str(folder / "odd.jsonl"), "odd.jsonl", DAY)])
+        assert wh.con.execute("SELECT count(*) FROM staging_input").fetchall()[0][0] == len(odd) - 2
+        with pytest.raises(duckdb.Error):  # … and refuses the other, which the parser reads
+            wh.stage_json_lines([(str(folder / "latin1.jsonl"), "latin1.jsonl", DAY)])
+    assert _stored(paths.database) == _stored(by_parser)
+    with open_warehouse(paths.database, read_only=True) as wh:
+        reasons = dict(wh.con.execute(
+            "SELECT source_line, reason FROM quarantined_metrics WHERE source_file LIKE '%odd.jsonl'"
+        ).fetchall())
+        loaded = wh.con.execute("SELECT test_name FROM performance_metrics "
+                                "WHERE source_file LIKE '%odd.jsonl' ORDER BY source_line").fetchall()
+    assert reasons[6] == "node_id must be a string"
+    assert reasons[9].startswith("timestamp 2026-11-02T01:00:00 is outside partition day 2026-11-01")
+    assert reasons[10] == "context_data is not a JSON object"
+    assert reasons[11] == "line is not valid JSON"
+    assert {reasons[n] for n in (12, 13, 14, 15)} == {"record is not a JSON object"}
+    assert reasons[16] == "metric_value is not a number"
+    assert reasons[17].startswith("invalid timestamp")
+    assert ('tests/a "quoted" \\ name',) in loaded and ("tëst-ünïcode-✓",) in loaded
+
+
+def test_a_range_of_days_loads_in_bounded_chunks_as_day_by_day(paths, tmp_path):
+    simulate_fleet(tmp_path / "fleet", days=4, nodes=5, tests=5, seed=5,
+                   end=datetime(2026, 11, 5, tzinfo=timezone.utc))
+    ingest_files(sorted((tmp_path / "fleet").rglob("*.jsonl")), paths.landing, today=TODAY)
+    days = landed_days(paths.landing)
+    assert len(days) >= 4
+
+    with open_warehouse(paths.database) as wh:
+        by_day = {day: load_landing_days(wh, paths.landing, [day])[day] for day in days}
+    one_at_a_time = _stored(paths.database)
+    with open_warehouse(paths.database) as wh:
+        in_chunks = load_landing_days(wh, paths.landing, days, chunk_bytes=1)  # a chunk per day
+        whole = load_landing_days(wh, paths.landing, days)  # again, in one chunk: replaces
+    assert in_chunks == whole == by_day
+    assert _stored(paths.database) == one_at_a_time
+    assert sum(c.rows_read for c in whole.values()) == sum(
+        c.rows_loaded + c.rows_quarantined for c in whole.values()) > 0

@@ -126,13 +126,13 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run(window_days: int | None, days: list[date] | None = None) -> None:
+def _run(window_days: int | None, days: list[date] | None = None, *, retrain: bool = False) -> None:
     from perf_pipeline.defs.runner import run_pipeline
 
     paths = paths_from_env()
     started = time.perf_counter()
     trend_config = {"window_days": window_days} if window_days else None
-    report = run_pipeline(paths, days=days, trend_config=trend_config)
+    report = run_pipeline(paths, days=days, trend_config=trend_config, retrain=retrain or None)
     for day, reason in report.days_skipped:
         print(f"  skipped {day}: {reason}")
     print(f"pipeline done in {time.perf_counter() - started:.1f}s: {len(report.days_loaded)} "
@@ -146,7 +146,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             days = sorted({date.fromisoformat(d) for d in args.day})
         except ValueError as error:
             raise UsageError(f"--day: {error}") from None
-    _run(args.window_days, days)
+    _run(args.window_days, days, retrain=args.retrain)
     return 0
 
 
@@ -414,6 +414,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--day", action="append", help="re-run this day (repeatable); default: "
                                                     "every new or changed landing day")
     run.add_argument("--window-days", type=int, default=None, help="trend window (default 30)")
+    run.add_argument("--retrain", action="store_true",
+                     help="retrain the forecasting models (default: only when missing or a week old)")
     run.set_defaults(handler=cmd_run)
 
     select = commands.add_parser("select-nodes", help="the best nodes for a kind of test: healthy, "

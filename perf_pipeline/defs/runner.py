@@ -8,7 +8,7 @@ partitioned assets take a range in one run), then one run of the analysis.
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import date, timedelta
+from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
 
 import dagster as dg
@@ -18,6 +18,8 @@ from perf_pipeline.config import Paths
 from perf_pipeline.ingest.landing import landing_state
 from perf_pipeline.storage.warehouse import open_warehouse
 
+# Models are retrained weekly (model_training_schedule); a run retrains older ones.
+MODEL_MAX_AGE = timedelta(days=7)
 RANGE_START_TAG = "dagster/asset_partition_range_start"
 RANGE_END_TAG = "dagster/asset_partition_range_end"
 # Failures reach the user as one line from PipelineRunError; the run's own log keeps the rest.
@@ -106,11 +108,26 @@ def _execute(job: dg.JobDefinition, instance: dg.DagsterInstance, *, run_config:
     return result.run_id
 
 
+def models_are_fresh(paths: Paths, *, now: datetime | None = None) -> bool:
+    """Whether every metric's forecasting model was trained within MODEL_MAX_AGE."""
+    if not paths.database.exists():
+        return False
+    with open_warehouse(paths.database, read_only=True) as wh:
+        oldest = wh.oldest_current_model()
+    now = now or datetime.now(timezone.utc).replace(tzinfo=None)
+    return oldest is not None and now - oldest <= MODEL_MAX_AGE
+
+
 def run_pipeline(paths: Paths, *, days: list[date] | None = None,
                  trend_config: dict | None = None, analyse: bool = True,
+                 retrain: bool | None = None,
                  progress: Callable[[str], None] = print) -> RunReport:
     """Materialize new or changed landing days (or `days`) and, with `analyse`, everything
-    downstream (without it, only raw_metrics and normalized_timeseries: what the CI gate reads)."""
+    downstream (without it, only raw_metrics and normalized_timeseries: what the CI gate reads).
+
+    The forecasting models are retrained when `retrain` is true, or (None) when they are
+    missing or older than MODEL_MAX_AGE, as the weekly schedule would; otherwise the
+    analysis forecasts with the models already trained."""
     from perf_pipeline.definitions import build_defs
 
     paths.ensure()
@@ -134,12 +151,14 @@ def run_pipeline(paths: Paths, *, days: list[date] | None = None,
                 tags={RANGE_START_TAG: first.isoformat(), RANGE_END_TAG: last.isoformat()}))
         if not analyse:
             return report
-        progress("analysing the window: every asset of the analysis group")
+        retrain = not models_are_fresh(paths) if retrain is None else retrain
+        progress("analysing the window: every asset of the analysis group"
+                 + ("" if retrain else " (forecasting models trained this week are kept)"))
         window = {"window_days": trend_config["window_days"]} if trend_config and "window_days" in trend_config else {}
         run_config = {**_QUIET_LOGS, "ops": {"trend_stats": {"config": trend_config or {}},
                                              "change_points": {"config": window},
                                              "seasonal_profiles": {"config": window}}}
-        report.run_ids.append(_execute(defs.resolve_job_def("analysis_job"), instance,
-                                       run_config=run_config))
+        job = "analysis_job" if retrain else "daily_refresh_job"
+        report.run_ids.append(_execute(defs.resolve_job_def(job), instance, run_config=run_config))
     return report
 

@@ -754,6 +754,15 @@ class Warehouse:
             ORDER BY metric_name
         """).df()
 
+    def oldest_current_model(self) -> datetime | None:
+        """When the least recently trained metric's newest model was trained (None: no model)."""
+        if "performance_models" not in self.table_names():
+            return None
+        return self.con.execute("""
+            SELECT min(trained_at) FROM (
+                SELECT max(trained_at) AS trained_at FROM performance_models GROUP BY metric_name)
+        """).fetchall()[0][0]
+
     def forget_model_files(self, files: Sequence[str]) -> None:
         """Mark model files deleted from the store as gone from the registry."""
         if files:

@@ -22,7 +22,7 @@ from perf_pipeline.defs.automation import (
 )
 from perf_pipeline.ingest.landing import ingest_files, landed_days
 from perf_pipeline.storage.warehouse import open_warehouse
-from perf_pipeline_tests.conftest import metric_row, write_jsonl
+from perf_pipeline_tests.conftest import materialized_fleet, metric_row, write_jsonl
 from perf_pipeline_tests.test_alerts import _stored_outbox
 
 TODAY = date(2026, 11, 28)
@@ -178,3 +178,33 @@ def test_retention_deletes_what_is_older_than_the_limit_and_keeps_the_rest(paths
     # the young day can still be re-run from its landing folder
     assert ingest.execute_in_process(instance=instance, partition_key=young.isoformat()).success
     assert pd.Timestamp(report["raw_before"]).date() == (now - timedelta(days=30)).date()
+
+
+def test_a_run_retrains_the_models_only_when_they_are_missing_or_a_week_old(tmp_path):
+    """`perf-pipeline run` follows the weekly retraining: a new day is analysed with this
+    week's models, and models a week old (or --retrain) are trained again."""
+    from perf_pipeline.defs.runner import MODEL_MAX_AGE, models_are_fresh, open_instance, run_pipeline
+    from perf_pipeline.ingest.simulator import simulate_fleet
+
+    end = datetime(2026, 11, 20, tzinfo=timezone.utc)
+    paths = materialized_fleet(tmp_path, end=end, days=10, nodes=5, tests=5)
+    with open_warehouse(paths.database, read_only=True) as wh:
+        trained = wh.oldest_current_model()
+    assert trained is not None and models_are_fresh(paths)
+    assert not models_are_fresh(paths, now=trained + MODEL_MAX_AGE + timedelta(minutes=1))
+
+    def jobs_of(report) -> list[str]:
+        with open_instance(paths) as instance:
+            return [instance.get_run_by_id(run_id).job_name for run_id in report.run_ids]
+
+    simulate_fleet(tmp_path / "next", days=1, nodes=5, tests=5, seed=2, end=end + timedelta(days=1))
+    ingest_files(sorted((tmp_path / "next").rglob("*.jsonl")), paths.landing, today=end.date())
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("PERF_PIPELINE_HOME", str(tmp_path / "home"))
+        patch.delenv("DAGSTER_HOME", raising=False)
+        assert jobs_of(run_pipeline(paths, progress=lambda _: None))[-1] == "daily_refresh_job"
+        with open_warehouse(paths.database, read_only=True) as wh:
+            assert wh.oldest_current_model() == trained  # kept, not retrained
+        assert jobs_of(run_pipeline(paths, retrain=True, progress=lambda _: None)) == ["analysis_job"]
+    with open_warehouse(paths.database, read_only=True) as wh:
+        assert wh.oldest_current_model() > trained

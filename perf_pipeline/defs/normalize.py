@@ -24,14 +24,12 @@ from perf_pipeline.defs.resources import WarehouseResource
 )
 def normalized_timeseries(context: dg.AssetExecutionContext,
                           warehouse: WarehouseResource) -> dg.MaterializeResult:
-    points = rollups = duplicates = 0
+    days = [date.fromisoformat(key) for key in context.partition_keys]
     with warehouse.open() as wh:
-        for key in context.partition_keys:
-            day = date.fromisoformat(key)
-            counts = wh.replace_normalized_day(day)
-            points += counts["points"]
-            rollups += counts["hourly_rollups"]
-            duplicates += wh.duplicate_series_points(day)
+        counts = wh.replace_normalized_days(days)
+        duplicates = wh.duplicate_series_points(days)
+    points = sum(day["points"] for day in counts.values())
+    rollups = sum(day["hourly_rollups"] for day in counts.values())
     return dg.MaterializeResult(
         metadata={"points": dg.MetadataValue.int(points),
                   "hourly_rollups": dg.MetadataValue.int(rollups),

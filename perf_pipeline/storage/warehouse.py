@@ -167,6 +167,13 @@ _VALIDATE_STRICT_SQL, _VALIDATE_TOLERANT_SQL = (_VALIDATE_SQL.replace("{decode}"
                                                 for decode in ("", "try"))
 
 
+# Each staged record's UTC day, in staging order (see Warehouse.landing_days_of).
+_RECORD_DAYS_SQL = f"""
+WITH parsed AS ({_PARSED_SQL.replace("{decode}", "try")})
+SELECT CASE WHEN isfinite(ts) THEN CAST(ts AS DATE) END FROM parsed
+ORDER BY source_file, source_line
+"""
+
 # Canonical name and factor of every stored raw row: the same lookup validation used.
 _CANONICAL_JOIN = """
 JOIN metric_aliases a ON a.alias = lower(trim(m.metric_name))
@@ -175,6 +182,9 @@ JOIN metric_units u ON u.metric_name = a.metric_name
     AND u.unit = lower(trim(coalesce(m.unit, a.alias_unit, c.unit)))
 """
 
+# Normalizing works on a set of days ($3) within a range of time ($1, $2): each day by
+# itself, as its partition, so a run that crosses midnight has a value on both days.
+_IN_DAYS = "CAST({column} AS DATE) IN (SELECT unnest(CAST($3 AS DATE[])))"
 _NORMALIZE_SQL = f"""
 INSERT INTO normalized_timeseries
 SELECT min(m.timestamp), c.metric_name, m.test_name, any_value(m.test_type),
@@ -182,10 +192,43 @@ SELECT min(m.timestamp), c.metric_name, m.test_name, any_value(m.test_type),
     any_value(json_extract_string(m.context_data, '$.commit')),
     avg(m.metric_value * u.factor), count(*)
 FROM performance_metrics m {_CANONICAL_JOIN}
-WHERE m.timestamp >= ? AND m.timestamp < ?
-GROUP BY c.metric_name, m.test_name, m.node_id, m.test_run_id,
+WHERE m.timestamp >= $1 AND m.timestamp < $2 AND {_IN_DAYS.format(column="m.timestamp")}
+GROUP BY CAST(m.timestamp AS DATE), c.metric_name, m.test_name, m.node_id, m.test_run_id,
     CASE WHEN m.test_run_id IS NULL THEN m.timestamp END
 ORDER BY 1
+"""
+_ROLLUP_SQL = f"""
+INSERT INTO metric_rollups_hourly
+SELECT date_trunc('hour', timestamp) AS hour, metric_name, test_name,
+    any_value(test_type), node_id, any_value(node_type), count(*), avg(value),
+    min(value), max(value), quantile_cont(value, 0.5), quantile_cont(value, 0.95)
+FROM normalized_timeseries
+WHERE timestamp >= $1 AND timestamp < $2 AND {_IN_DAYS.format(column="timestamp")}
+GROUP BY hour, metric_name, test_name, node_id
+ORDER BY hour
+"""
+_DELETE_NORMALIZED_SQL = f"""
+DELETE FROM normalized_timeseries
+WHERE timestamp >= $1 AND timestamp < $2 AND {_IN_DAYS.format(column="timestamp")}
+"""
+_DELETE_ROLLUPS_SQL = f"""
+DELETE FROM metric_rollups_hourly WHERE hour >= $1 AND hour < $2 AND {_IN_DAYS.format(column="hour")}
+"""
+_COUNT_NORMALIZED_SQL = f"""
+SELECT CAST(timestamp AS DATE), count(*) FROM normalized_timeseries
+WHERE timestamp >= $1 AND timestamp < $2 AND {_IN_DAYS.format(column="timestamp")} GROUP BY 1
+"""
+_DUPLICATE_POINTS_SQL = f"""
+SELECT count(*) FROM (
+    SELECT 1 FROM normalized_timeseries
+    WHERE timestamp >= $1 AND timestamp < $2 AND {_IN_DAYS.format(column="timestamp")}
+    GROUP BY CAST(timestamp AS DATE), metric_name, test_name, node_id, test_run_id,
+        CASE WHEN test_run_id IS NULL THEN timestamp END
+    HAVING count(*) > 1)
+"""
+_COUNT_ROLLUPS_SQL = f"""
+SELECT CAST(hour AS DATE), count(*) FROM metric_rollups_hourly
+WHERE hour >= $1 AND hour < $2 AND {_IN_DAYS.format(column="hour")} GROUP BY 1
 """
 
 # Tables whose content is written whole by an analysis asset or counted for reports.
@@ -441,10 +484,7 @@ class Warehouse:
         """
         self.begin_staging()
         self.stage_records(staged)
-        return [row[0] for row in self.con.execute(f"""
-            WITH parsed AS ({_PARSED_SQL.replace("{decode}", "try")})
-            SELECT CASE WHEN isfinite(ts) THEN CAST(ts AS DATE) END FROM parsed
-            ORDER BY source_file, source_line""").fetchall()]
+        return [row[0] for row in self.con.execute(_RECORD_DAYS_SQL).fetchall()]
 
     def check_records(self, staged: pd.DataFrame) -> list[tuple[int, str | None, date | None]]:
         """Validate staged records by the rules loading applies, storing nothing: each record's
@@ -539,40 +579,35 @@ class Warehouse:
 
     # ---------------------------------------------------------------- normalized series
 
-    def replace_normalized_day(self, day: date) -> dict[str, int]:
-        """Rebuild one day's canonical series (one value per metric, test, node, run) and rollups."""
-        day_start = datetime(day.year, day.month, day.day)
-        bounds = [day_start, day_start + timedelta(days=1)]
+    def replace_normalized_days(self, days: Sequence[date]) -> dict[date, dict[str, int]]:
+        """Rebuild the canonical series (one value per metric, test, node, run and UTC day) and
+        hourly rollups of `days` in one transaction: {day: {"points", "hourly_rollups"}}."""
+        days = sorted(set(days))
+        if not days:
+            return {}
+        # the range bounds let DuckDB skip row groups by their zone maps; the list picks the days
+        bounds = [_day_start(days[0]), _day_start(days[-1]) + timedelta(days=1), days]
         with self.transaction():
-            self.con.execute("DELETE FROM normalized_timeseries WHERE timestamp >= ? AND timestamp < ?",
-                             bounds)
-            self.con.execute("DELETE FROM metric_rollups_hourly WHERE hour >= ? AND hour < ?", bounds)
+            self.con.execute(_DELETE_NORMALIZED_SQL, bounds)
+            self.con.execute(_DELETE_ROLLUPS_SQL, bounds)
             self.con.execute(_NORMALIZE_SQL, bounds)
-            self.con.execute("""
-                INSERT INTO metric_rollups_hourly
-                SELECT date_trunc('hour', timestamp) AS hour, metric_name, test_name,
-                    any_value(test_type), node_id, any_value(node_type), count(*), avg(value),
-                    min(value), max(value), quantile_cont(value, 0.5), quantile_cont(value, 0.95)
-                FROM normalized_timeseries WHERE timestamp >= ? AND timestamp < ?
-                GROUP BY hour, metric_name, test_name, node_id
-                ORDER BY hour
-            """, bounds)
-        points, rollups = self.con.execute("""
-            SELECT (SELECT count(*) FROM normalized_timeseries WHERE timestamp >= $1 AND timestamp < $2),
-                   (SELECT count(*) FROM metric_rollups_hourly WHERE hour >= $1 AND hour < $2)
-        """, bounds).fetchall()[0]
-        return {"points": int(points), "hourly_rollups": int(rollups)}
+            self.con.execute(_ROLLUP_SQL, bounds)
+        counts = {day: {"points": 0, "hourly_rollups": 0} for day in days}
+        for table, sql in (("points", _COUNT_NORMALIZED_SQL), ("hourly_rollups", _COUNT_ROLLUPS_SQL)):
+            for day, number in self.con.execute(sql, bounds).fetchall():
+                counts[day][table] = int(number)
+        return counts
 
-    def duplicate_series_points(self, day: date) -> int:
-        """Keys (metric, test, node, run) stored more than once for the day: should be none."""
-        day_start = datetime(day.year, day.month, day.day)
-        return int(self.con.execute("""
-            SELECT count(*) FROM (
-                SELECT 1 FROM normalized_timeseries WHERE timestamp >= ? AND timestamp < ?
-                GROUP BY metric_name, test_name, node_id, test_run_id,
-                    CASE WHEN test_run_id IS NULL THEN timestamp END
-                HAVING count(*) > 1)
-        """, [day_start, day_start + timedelta(days=1)]).fetchall()[0][0])
+    def replace_normalized_day(self, day: date) -> dict[str, int]:
+        """Rebuild one day's canonical series and rollups (see replace_normalized_days)."""
+        return self.replace_normalized_days([day])[day]
+
+    def duplicate_series_points(self, days: date | Sequence[date]) -> int:
+        """Keys (metric, test, node, run, day) stored more than once on `days`: should be none."""
+        days = sorted({days} if isinstance(days, date) else set(days))
+        if not days:
+            return 0
+        return int(self.con.execute(_DUPLICATE_POINTS_SQL, [_day_start(days[0]), _day_start(days[-1]) + timedelta(days=1), days]).fetchall()[0][0])
 
     def latest_timestamp(self) -> datetime | None:
         return self.con.execute("SELECT max(timestamp) FROM normalized_timeseries").fetchall()[0][0]

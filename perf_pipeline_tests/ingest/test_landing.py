@@ -281,3 +281,35 @@ def test_a_range_of_days_loads_in_bounded_chunks_as_day_by_day(paths, tmp_path):
     assert _stored(paths.database) == one_at_a_time
     assert sum(c.rows_read for c in whole.values()) == sum(
         c.rows_loaded + c.rows_quarantined for c in whole.values()) > 0
+
+
+def test_normalizing_a_range_gives_each_day_what_normalizing_it_alone_gives(paths, tmp_path):
+    """A run that crosses midnight keeps a value on each of its days, however the days are
+    normalized, and normalizing the range again replaces rather than adds."""
+    rows = [metric_row("2026-11-01T23:50:00Z", value=2.0, run="late"),
+            metric_row("2026-11-01T23:55:00Z", value=4.0, run="late"),
+            metric_row("2026-11-02T00:05:00Z", value=8.0, run="late"),
+            metric_row("2026-11-02T10:00:00Z", metric_name="cpu_usage", value=40, test_name=None,
+                       run=None),
+            metric_row("2026-11-03T10:00:00Z", value=1.0, run="next")]
+    ingest_files([write_jsonl(tmp_path / "in.jsonl", rows)], paths.landing, today=TODAY)
+    days = landed_days(paths.landing)
+    assert len(days) == 3
+
+    def normalized(database):
+        with open_warehouse(database, read_only=True) as wh:
+            return wh.con.execute("SELECT * FROM normalized_timeseries ORDER BY timestamp, metric_name"
+                                  ).fetchall(), wh.con.execute(
+                "SELECT * FROM metric_rollups_hourly ORDER BY hour, metric_name").fetchall()
+
+    with open_warehouse(paths.database) as wh:
+        load_landing_days(wh, paths.landing, days)
+        one_by_one = {day: wh.replace_normalized_day(day) for day in days}
+    day_by_day = normalized(paths.database)
+    with open_warehouse(paths.database) as wh:
+        assert wh.replace_normalized_days(days) == one_by_one
+        assert wh.replace_normalized_days(days) == one_by_one
+        assert wh.duplicate_series_points(days) == 0
+    assert normalized(paths.database) == day_by_day
+    points = {(row[0].date(), row[6], row[9]) for row in day_by_day[0] if row[6] == "late"}
+    assert points == {(DAY, "late", 3.0), (date(2026, 11, 2), "late", 8.0)}

@@ -17,6 +17,7 @@ import tempfile
 from datetime import date, datetime
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from perf_pipeline.storage.reports import DURATION_METRIC, DashboardData
@@ -82,6 +83,20 @@ def _records(frame: pd.DataFrame, columns: dict[str, str]) -> list[dict]:
     return rows
 
 
+def _codes(index: _Index, values: pd.Series) -> list[int]:
+    """`index(value)` of every value, asked once per distinct value in order of first
+    appearance (which is the order `index` numbers them in); -1 for a missing value."""
+    codes, distinct = pd.factorize(values, use_na_sentinel=True)
+    return np.array([index(value) for value in distinct] + [-1], dtype=int)[codes].tolist()
+
+
+def _numbers(values: pd.Series) -> list[float | None]:
+    """`_number` of every value, without its per-value checks."""
+    finite = np.isfinite(values.to_numpy(dtype=float, na_value=np.nan))
+    return [float(f"{value:.{_SIGNIFICANT_DIGITS}g}") if ok else None
+            for value, ok in zip(values.to_numpy(dtype=float, na_value=np.nan).tolist(), finite.tolist())]
+
+
 def _indexed(record: dict, metrics: _Index, tests: _Index, nodes: _Index) -> dict:
     """A record whose metric, test and node names are replaced by their indexes."""
     return {**{k: v for k, v in record.items() if k not in ("metric_name", "test_name", "node_id")},
@@ -97,15 +112,16 @@ def build_payload(data: DashboardData, *, generated_at: datetime) -> dict:
     test_type_of: dict[int, int] = {}
     for test, test_type in series.dropna(subset=["test_name"]).groupby("test_name")["test_type"].first().items():
         test_type_of[tests(test)] = types(test_type)
-    days = sorted({_day(d) for d in series["day"]})
-    day_index = {d: i for i, d in enumerate(days)}
+    day_codes, day_values = pd.factorize(series["day"])
+    day_texts = [_day(d) for d in day_values]
+    days = sorted(set(day_texts))
     columns = {
-        "metric": [metrics(m) for m in series["metric_name"]],
-        "test": [tests(t) for t in series["test_name"]],
-        "node": [nodes(n) for n in series["node_id"]],
-        "day": [day_index[_day(d)] for d in series["day"]],
-        "value": [_number(v) for v in series["value"]],
-        "n": [int(n) for n in series["n"]],
+        "metric": _codes(metrics, series["metric_name"]),
+        "test": _codes(tests, series["test_name"]),
+        "node": _codes(nodes, series["node_id"]),
+        "day": np.array([days.index(d) for d in day_texts], dtype=int)[day_codes].tolist(),
+        "value": _numbers(series["value"]),
+        "n": series["n"].astype("int64").tolist(),
     }
     catalog = data.catalog.set_index("metric_name")
     metric_info = [{"name": name, "unit": _text(catalog["unit"].get(name)) or "",

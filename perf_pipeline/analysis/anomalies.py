@@ -77,17 +77,42 @@ class Anomaly:
     end_timestamp: object | None = None
 
 
+def _sorted_windows(x: np.ndarray, window: int) -> tuple[np.ndarray, np.ndarray]:
+    """Every centred window of `x`, sorted (NaN last), and how many values each holds."""
+    before = window // 2
+    padded = np.pad(x, (before, window - 1 - before), constant_values=np.nan)
+    windows = np.sort(sliding_window_view(padded, window), axis=-1)
+    return windows, np.count_nonzero(~np.isnan(windows), axis=-1)
+
+
+def _window_median(windows: np.ndarray, first: np.ndarray, count: np.ndarray,
+                   min_periods: int) -> np.ndarray:
+    """Median of each sorted window's `count` values from position `first` on."""
+    last = windows.shape[1] - 1  # an empty stretch may start past the end: its median is NaN
+    low = np.take_along_axis(windows, np.minimum(first + np.maximum(count - 1, 0) // 2, last)[:, None],
+                             axis=-1)[:, 0]
+    high = np.take_along_axis(windows, np.minimum(first + count // 2, last)[:, None], axis=-1)[:, 0]
+    return np.where(count >= max(min_periods, 1), (low + high) / 2, np.nan)
+
+
 def _rolling_median(x: np.ndarray, window: int, min_periods: int) -> np.ndarray:
     """Centred rolling median ignoring NaN: the same as pandas'
     `rolling(window, center=True, min_periods=min_periods).median()`, but one sort of a
     strided view, because pandas' ~0.5 ms per call would dominate 10,000 short series."""
-    before = window // 2
-    padded = np.pad(x, (before, window - 1 - before), constant_values=np.nan)
-    windows = np.sort(sliding_window_view(padded, window), axis=-1)  # NaN sorts last
-    count = np.count_nonzero(~np.isnan(windows), axis=-1)
-    low = np.take_along_axis(windows, (np.maximum(count - 1, 0) // 2)[:, None], axis=-1)[:, 0]
-    high = np.take_along_axis(windows, (count // 2)[:, None], axis=-1)[:, 0]
-    return np.where(count >= max(min_periods, 1), (low + high) / 2, np.nan)
+    windows, count = _sorted_windows(x, window)
+    return _window_median(windows, np.zeros_like(count), count, min_periods)
+
+
+def _rolling_side_medians(deviation: np.ndarray, window: int,
+                          min_periods: int) -> tuple[np.ndarray, np.ndarray]:
+    """Centred rolling medians of the deviations ≥ 0 and of minus those ≤ 0, ignoring NaN,
+    from one sort: in a sorted window the deviations ≤ 0 come first and those ≥ 0 last."""
+    windows, count = _sorted_windows(deviation, window)
+    negative = np.count_nonzero(windows < 0, axis=-1)
+    positive = np.count_nonzero(windows > 0, axis=-1)
+    upper = _window_median(windows, negative, count - negative, min_periods)
+    lower = -_window_median(windows, np.zeros_like(count), count - positive, min_periods)
+    return upper, lower
 
 
 def _level_and_scale(x: np.ndarray, window: int, min_periods: int, *,
@@ -105,8 +130,7 @@ def _level_and_scale(x: np.ndarray, window: int, min_periods: int, *,
     deviation = x - level
     half_periods = max(min_periods // 2, 1)
     scale_window = _SCALE_WINDOW_FACTOR * window
-    upper = _rolling_median(np.where(deviation >= 0, deviation, np.nan), scale_window, half_periods)
-    lower = _rolling_median(np.where(deviation <= 0, -deviation, np.nan), scale_window, half_periods)
+    upper, lower = _rolling_side_medians(deviation, scale_window, half_periods)
     floor = _MAD_FLOOR_ABSOLUTE + _MAD_FLOOR_RELATIVE * (1.0 if log_scale else np.abs(level))
     # Never below the whole series' spread on that side: a MAD from a few dozen points is
     # itself noisy, and a window that happens to be calm would turn ordinary values into
@@ -265,21 +289,17 @@ def node_health_outliers(frame: pd.DataFrame, *, features: Sequence[str],
     return out
 
 
-def _series_keys(frame: pd.DataFrame) -> tuple[str | None, str | None]:
-    test, node = frame["test_name"].iloc[0], frame["node_id"].iloc[0]
-    return (None if pd.isna(test) else test), (None if pd.isna(node) else node)
-
-
 def _node_noise(tests: pd.DataFrame, window: int, min_periods: int) -> pd.Series:
     """Each per-test point's lower bound on its robust σ (log units): the typical deviation
     of its node's runs from their tests' rolling medians. A noisy node's runs scatter three
     times as far as a quiet node's, which a test's own rolling spread, pooled over all
     nodes, does not know."""
-    residual = pd.Series(np.nan, index=tests.index)
-    for _, frame in tests.groupby(["metric_name", "test_name"], sort=False):
-        x = np.log(frame["level"].where(frame["level"] > 0).to_numpy(dtype=float))
-        level = _rolling_median(x, window, min_periods)
-        residual[frame.index] = x - level
+    levels = tests["level"].to_numpy(dtype=float)
+    logs = np.log(np.where(levels > 0, levels, np.nan))
+    residuals = np.full(len(tests), np.nan)
+    for positions in tests.groupby(["metric_name", "test_name"], sort=False).indices.values():
+        residuals[positions] = logs[positions] - _rolling_median(logs[positions], window, min_periods)
+    residual = pd.Series(residuals, index=tests.index)
     spread = residual.abs().groupby([tests["metric_name"], tests["run_node_id"]]).transform("median")
     return MAD_TO_SIGMA * spread
 
@@ -300,26 +320,32 @@ def fleet_anomalies(series: pd.DataFrame, *, threshold: float = 6.0, window: int
     floor = _node_noise(tests, window, min_periods=8) if len(tests) else pd.Series(dtype=float)
     rows, skipped = [], 0
     keys = ["scope", "metric_name", "test_name", "node_id"]
-    for (scope, metric, _, _), frame in series.groupby(keys, dropna=False, sort=True):
-        frame = frame.sort_values("timestamp", kind="stable")
-        values = frame["level"].to_numpy(dtype=float)
+    grouped = series.groupby(keys, dropna=False, sort=True)
+    # every series' rows, in time order (ties as they came), series after series
+    timestamps = series["timestamp"].to_numpy()
+    order = np.lexsort((timestamps, grouped.ngroup().to_numpy()))
+    bounds = np.flatnonzero(np.diff(grouped.ngroup().to_numpy()[order])) + 1
+    levels, raws = series["level"].to_numpy(dtype=float), series["value"].to_numpy(dtype=float)
+    floors = floor.reindex(series.index).to_numpy(dtype=float)
+    run_nodes, run_ids = series["run_node_id"].to_numpy(dtype=object), series["test_run_id"].to_numpy(dtype=object)
+    for (scope, metric, test, node), positions in zip(grouped.size().index, np.split(order, bounds)):
+        values = levels[positions]
         if mostly_one_value(values):
             skipped += 1
             continue
         per_test = scope == "test" and bool(np.all(values > 0))
         options: dict = {"log_scale": None}
         if per_test:
-            options = {"log_scale": True, "min_scale": floor[frame.index].to_numpy()}
+            options = {"log_scale": True, "min_scale": floors[positions]}
         elif scope == "node":
-            per_day = points_per_day(frame["timestamp"])
-            if per_day >= 4 and len(frame) >= _MIN_CYCLES * per_day:
+            per_day = points_per_day(pd.Series(timestamps[positions]))
+            if per_day >= 4 and len(positions) >= _MIN_CYCLES * per_day:
                 options["period"] = per_day
         found = detect_point_anomalies(values, threshold=threshold, window=window,
                                        max_burst=max_burst, **options)
-        test, node = _series_keys(frame)
-        raw = frame["value"].to_numpy(dtype=float)
+        raw = raws[positions]
         for anomaly in found:
-            first, last = frame.iloc[anomaly.start_index], frame.iloc[anomaly.end_index]
+            first, last = positions[anomaly.start_index], positions[anomaly.end_index]
             value, expected, reason = raw[anomaly.peak_index], anomaly.expected, anomaly.reason
             if per_test:  # levels are node-adjusted ratios: report in the metric's own units
                 expected *= value / values[anomaly.peak_index]
@@ -327,9 +353,9 @@ def fleet_anomalies(series: pd.DataFrame, *, threshold: float = 6.0, window: int
                 reason = _reason(anomaly.kind, anomaly.end_index - anomaly.start_index + 1, signed,
                                  value, expected, "log")
             rows.append({
-                "scope": scope, "metric_name": metric, "test_name": test,
-                "node_id": first["run_node_id"],
-                "timestamp": first["timestamp"], "end_timestamp": last["timestamp"],
-                "test_run_id": first["test_run_id"], "kind": anomaly.kind, "score": anomaly.score,
+                "scope": scope, "metric_name": metric, "test_name": None if pd.isna(test) else test,
+                "node_id": run_nodes[first],
+                "timestamp": series["timestamp"].iloc[first], "end_timestamp": series["timestamp"].iloc[last],
+                "test_run_id": run_ids[first], "kind": anomaly.kind, "score": anomaly.score,
                 "value": value, "expected": expected, "reason": reason})
     return pd.DataFrame(rows, columns=ANOMALY_COLUMNS), skipped

@@ -46,6 +46,8 @@ MIN_GROUP = 3
 
 def _aligned(series: pd.DataFrame) -> dict[str, pd.DataFrame]:
     """Wide frames, one column per metric: node × hour and CI run."""
+    series = series[["scope", "metric_scope", "metric_name", "node_id", "test_run_id", "timestamp",
+                     "level", "relative"]]  # slicing and grouping copy every column kept
     per_node = series[series["scope"] == "node"]
     # per-test metrics as plain ratios to the test's median, not the node's ratio to its
     # peers in the same run: load that rises fleet-wide slows every node's tests, and that
@@ -109,20 +111,43 @@ def metric_correlations(series: pd.DataFrame) -> pd.DataFrame:
                                            ignore_index=True)
 
 
+def _flat_fields(document: dict, prefix: str = "") -> dict:
+    """`document`'s scalar fields, nested keys joined with dots, in pd.json_normalize's order
+    (a level's own values first, then its nested objects')."""
+    fields = {f"{prefix}{key}": value for key, value in document.items() if not isinstance(value, dict)}
+    for key, value in document.items():
+        if isinstance(value, dict):
+            fields.update(_flat_fields(value, f"{prefix}{key}."))
+    return fields
+
+
+def _context_fields(text: object) -> list[tuple[str, str]]:
+    """(field, value as text) of one context document; none when it is not a JSON object."""
+    try:
+        document = json.loads(text)
+    except (TypeError, ValueError):
+        return []
+    if not isinstance(document, dict):
+        return []
+    fields = _flat_fields(document)
+    numbers = [v for v in fields.values() if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    # one row of numbers only is one float column to pandas: an int beside a float reads 1.0
+    if len(numbers) == len(fields) and any(isinstance(v, float) for v in numbers):
+        fields = {field: float(value) for field, value in fields.items()}
+    return [(field, str(value)) for field, value in fields.items()
+            if value is not None and not isinstance(value, list)]
+
+
 def flatten_contexts(contexts: pd.DataFrame) -> pd.DataFrame:
     """(test_run_id, node_id, field, value) from `run_contexts`' JSON text, nested keys
     joined with dots; values as text."""
+    parsed: dict[object, list[tuple[str, str]]] = {}  # runs share a handful of documents
     rows = []
     for run, node, text in contexts[["test_run_id", "node_id", "context"]].itertuples(index=False):
-        try:
-            document = json.loads(text)
-        except (TypeError, ValueError):
-            continue
-        if not isinstance(document, dict):
-            continue
-        for field, value in pd.json_normalize(document).iloc[0].items():
-            if value is not None and not isinstance(value, (list, dict)):
-                rows.append((run, node, str(field), str(value)))
+        fields = parsed.get(text)
+        if fields is None:
+            fields = parsed[text] = _context_fields(text)
+        rows.extend((run, node, field, value) for field, value in fields)
     return pd.DataFrame(rows, columns=["test_run_id", "node_id", "field", "value"])
 
 
@@ -153,14 +178,18 @@ def configuration_effects(series: pd.DataFrame, contexts: pd.DataFrame) -> pd.Da
     """Kruskal–Wallis tests of every metric against node type, test type and each context
     field with 2 to MAX_CONFIGURATIONS values; `contexts` is `flatten_contexts` output."""
     results = []
-    per_node = series[series["scope"] == "node"]
-    for metric, frame in per_node.groupby("metric_name"):
-        units = frame.groupby("node_id").agg(level=("level", "median"), group=("node_type", "first"))
-        results.append(_kruskal(metric, "node_type", units))
-    per_test = series[(series["scope"] == "test")]
-    for metric, frame in per_test.groupby("metric_name"):
-        units = frame.groupby("test_name").agg(level=("value", "median"), group=("test_type", "first"))
-        results.append(_kruskal(metric, "test_type", units))
+    # only the columns each grouping needs: grouping the whole frame copies every column
+    per_node = series.loc[series["scope"] == "node",
+                          ["metric_name", "node_id", "level", "node_type", "metric_scope", "test_run_id"]]
+    node_units = per_node.groupby(["metric_name", "node_id"]).agg(
+        level=("level", "median"), group=("node_type", "first"))
+    for metric, units in node_units.groupby(level="metric_name"):
+        results.append(_kruskal(metric, "node_type", units.droplevel("metric_name")))
+    per_test = series.loc[series["scope"] == "test", ["metric_name", "test_name", "value", "test_type"]]
+    test_units = per_test.groupby(["metric_name", "test_name"]).agg(
+        level=("value", "median"), group=("test_type", "first"))
+    for metric, units in test_units.groupby(level="metric_name"):
+        results.append(_kruskal(metric, "test_type", units.droplevel("metric_name")))
     if len(contexts):
         ratios = per_node[per_node["metric_scope"] == "test"]
         run_levels = (ratios.groupby(["metric_name", "test_run_id", "node_id"])["level"].median()

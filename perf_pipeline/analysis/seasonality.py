@@ -25,8 +25,14 @@ def strength(component: np.ndarray, remainder: np.ndarray) -> float:
 
 
 def _profile(component: np.ndarray, phases: np.ndarray, period: int) -> np.ndarray:
-    return np.array([np.median(component[phases == p]) if np.any(phases == p) else 0.0
-                     for p in range(period)])
+    """Each phase's median of `component` (0 for a phase without values), from one sort."""
+    order = np.lexsort((component, phases))
+    counts = np.bincount(phases, minlength=period)[:period]
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    ordered = np.append(component[order], 0.0)  # the 0 stands in for an empty phase's median
+    low = np.where(counts > 0, starts + (counts - 1) // 2, len(component))
+    high = np.where(counts > 0, starts + counts // 2, len(component))
+    return (ordered[low] + ordered[high]) / 2
 
 
 def hourly_grid(hours: pd.Series, values: pd.Series) -> pd.Series | None:

@@ -14,13 +14,15 @@ for a ratio to mean anything.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from datetime import datetime
 from dataclasses import asdict, dataclass
+from functools import lru_cache
 
 import numpy as np
 import pandas as pd
-from scipy import stats
+from scipy import special, stats
 
 from perf_pipeline.analysis.robust import MAD_TO_SIGMA, ar1_variance_inflation, lag1_autocorrelation
 from perf_pipeline.catalog import get_metric
@@ -78,14 +80,14 @@ def remove_weekday_effect(day_index: np.ndarray, values: np.ndarray,
         return None
     if full_rss > 0:
         f_stat = ((base_rss - full_rss) / extra) / (full_rss / residual_dof)
-        if stats.f.sf(f_stat, extra, residual_dof) >= WEEKLY_CYCLE_P:
+        # F's survival function; rounding can make the statistic slightly negative
+        if f_stat <= 0 or special.fdtrc(extra, residual_dof, f_stat) >= WEEKLY_CYCLE_P:
             return None
     elif base_rss == 0:
         return None
     effects = np.concatenate([[0.0], coefficients[2:]])
     effects -= effects.mean()
-    lookup = dict(zip(present, effects))
-    return values - np.array([lookup[w] for w in weekday])
+    return values - effects[np.searchsorted(present, weekday)]
 
 
 def _autocorrelation_corrected(p_value: float, residuals: np.ndarray) -> float:
@@ -100,8 +102,78 @@ def _autocorrelation_corrected(p_value: float, residuals: np.ndarray) -> float:
     inflation = ar1_variance_inflation(lag1_autocorrelation(residuals))
     if inflation == 1 or p_value >= 1:
         return p_value
-    z = stats.norm.isf(p_value / 2) / np.sqrt(inflation)
-    return float(2 * stats.norm.sf(z))
+    z = -special.ndtri(p_value / 2) / np.sqrt(inflation)
+    return float(2 * special.ndtr(-z))
+
+
+def _ols(t: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+    """Slope and two-sided p-value of a least-squares line, as scipy's `linregress`."""
+    dt, dy = t - t.mean(), y - y.mean()
+    sxx, sxy, syy = float(dt @ dt), float(dt @ dy), float(dy @ dy)
+    r = min(max(sxy / math.sqrt(sxx * syy), -1.0), 1.0) if sxx > 0 and syy > 0 else 0.0
+    dof = len(y) - 2
+    t_stat = r * math.sqrt(dof / ((1.0 - r) * (1.0 + r) + 1e-20))
+    return sxy / sxx, float(2 * special.stdtr(dof, -abs(t_stat)))
+
+
+def _tie_sizes(values: np.ndarray) -> np.ndarray:
+    _, counts = np.unique(values, return_counts=True)
+    return counts[counts > 1].astype(float)
+
+
+def _theil_sen(t: np.ndarray, y: np.ndarray) -> tuple[float, float, float]:
+    """Theil–Sen slope and its 95% interval (Sen 1968, eq. 2.6), as scipy's `theilslopes`."""
+    later = t[:, None] - t[None, :] > 0
+    slopes = np.sort(((y[:, None] - y[None, :])[later]) / ((t[:, None] - t[None, :])[later]))
+    n, pairs = len(y), len(slopes)
+    ties = sum(float(np.sum(k * (k - 1) * (2 * k + 5))) for k in (_tie_sizes(t), _tie_sizes(y)))
+    sigma = math.sqrt((n * (n - 1) * (2 * n + 5) - ties) / 18.0)
+    z = special.ndtri(0.025)
+    upper = min(int(np.round((pairs - z * sigma) / 2.0)), pairs - 1)
+    lower = max(int(np.round((pairs + z * sigma) / 2.0)) - 1, 0)
+    return float(np.median(slopes)), float(slopes[lower]), float(slopes[upper])
+
+
+@lru_cache(maxsize=4096)
+def _kendall_exact_p(n: int, discordant: int) -> float:
+    """Two-sided exact p-value of Kendall's S without ties (Kendall 1970), as scipy's."""
+    c = min(discordant, n * (n - 1) // 2 - discordant)
+    if n <= 2 or 4 * c == n * (n - 1):
+        return 1.0
+    if c == 0:
+        return min(2.0 / math.factorial(n), 1.0)
+    if c == 1:
+        return min(2.0 / math.factorial(n - 1), 1.0)
+    counts = np.zeros(c + 1)
+    counts[0:2] = 1.0
+    for j in range(3, n + 1):
+        counts = np.cumsum(counts)
+        if j <= c:
+            counts[j:] -= counts[:c + 1 - j]
+    return float(np.clip(2.0 * np.sum(counts) / math.factorial(n), 0, 1))
+
+
+def _mann_kendall(t: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+    """Kendall's tau-b between time and value and its two-sided p-value, as scipy's
+    `kendalltau` (exact without ties up to 33 points, else the normal approximation)."""
+    n = len(y)
+    signs = np.sign(t[None, :] - t[:, None]) * np.sign(y[None, :] - y[:, None])
+    s = int(np.triu(signs, k=1).sum())
+    x_ties, y_ties = _tie_sizes(t), _tie_sizes(y)
+    total = n * (n - 1) // 2
+    x_tied, y_tied = int(np.sum(x_ties * (x_ties - 1) // 2)), int(np.sum(y_ties * (y_ties - 1) // 2))
+    tau = min(1.0, max(-1.0, s / math.sqrt(total - x_tied) / math.sqrt(total - y_tied)))
+    if x_tied == 0 and y_tied == 0:
+        discordant = int(np.sum(np.triu(signs, k=1) < 0))
+        if n <= 33 or min(discordant, total - discordant) <= 1:
+            return tau, _kendall_exact_p(n, discordant)
+    m = n * (n - 1.0)
+    variance = ((m * (2 * n + 5) - np.sum(x_ties * (x_ties - 1) * (2 * x_ties + 5))
+                 - np.sum(y_ties * (y_ties - 1) * (2 * y_ties + 5))) / 18
+                + 2 * x_tied * y_tied / m
+                + np.sum(x_ties * (x_ties - 1) * (x_ties - 2)) * np.sum(y_ties * (y_ties - 1) * (y_ties - 2))
+                / (9 * m * (n - 2)))
+    return tau, float(2 * special.ndtr(-abs(s / math.sqrt(variance))))
 
 
 def analyze_trend(day_index: Iterable[float], values: Iterable[float], *,
@@ -126,12 +198,10 @@ def analyze_trend(day_index: Iterable[float], values: Iterable[float], *,
     if np.ptp(y) == 0:
         ols_slope, ols_p, ts_slope, ts_low, ts_high, tau, mk_p = 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 1.0
     else:
-        ols = stats.linregress(t, y)
-        ols_slope, ols_p = float(ols.slope), float(ols.pvalue)
-        ts_slope, _, ts_low, ts_high = (float(v) for v in stats.theilslopes(y, t, alpha=0.95))
+        ols_slope, ols_p = _ols(t, y)
+        ts_slope, ts_low, ts_high = _theil_sen(t, y)
         # Mann–Kendall's S statistic is Kendall's tau between time and value.
-        kendall = stats.kendalltau(t, y)
-        tau, mk_p = float(kendall.statistic), float(kendall.pvalue)
+        tau, mk_p = _mann_kendall(t, y)
 
     residuals = y - (np.median(y - ts_slope * t) + ts_slope * t)
     mk_p = _autocorrelation_corrected(mk_p, residuals)
@@ -204,14 +274,19 @@ def compute_trend_stats(daily: pd.DataFrame, *, window_start: datetime, window_e
     relative, day, value, n), one row per series, significance judged across all of them."""
     rows = []
     keys = ["scope", "metric_name", "test_name", "node_id"]
-    for (scope, metric_name, test_name, node_id), series in daily.groupby(
-            keys, dropna=False, sort=True):
-        days = pd.to_datetime(series["day"])
-        origin = days.min()
-        result = analyze_trend((days - origin).dt.days.to_numpy(), series["value"].to_numpy(),
-                               weekday=days.dt.day_of_week.to_numpy(), min_days=min_days)
+    days = pd.to_datetime(daily["day"]).to_numpy(dtype="datetime64[D]")
+    day_number = days.astype(np.int64)
+    weekday = (day_number + 3) % 7  # 1970-01-01 was a Thursday; Monday is 0
+    values = daily["value"].to_numpy(dtype=float)
+    counts = daily["n"].to_numpy()
+    relatives = daily["relative"].to_numpy()
+    for (scope, metric_name, test_name, node_id), index in daily.groupby(
+            keys, dropna=False, sort=True).indices.items():
+        day_index = day_number[index]
+        result = analyze_trend(day_index - day_index.min(), values[index],
+                               weekday=weekday[index], min_days=min_days)
         metric = get_metric(metric_name)
-        relative = bool(series["relative"].iloc[0])
+        relative = bool(relatives[index[0]])
         rows.append({
             "scope": scope, "metric_name": metric_name,
             "test_name": None if pd.isna(test_name) else test_name,
@@ -220,7 +295,7 @@ def compute_trend_stats(daily: pd.DataFrame, *, window_start: datetime, window_e
             "unit": "ratio" if relative else metric.unit,
             "direction": metric.direction.value,
             "degrading_sign": metric.degrading_sign,
-            "n_points": int(series["n"].sum()),
+            "n_points": int(counts[index].sum()),
             **asdict(result),
         })
     table = pd.DataFrame(rows, columns=[*keys, "level_basis", "unit", "direction",

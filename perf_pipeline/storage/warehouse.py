@@ -118,7 +118,9 @@ FROM fields
 _VALIDATE_SQL = f"""
 CREATE OR REPLACE TEMP TABLE validated AS
 WITH parsed AS ({_PARSED_SQL})
-SELECT p.*, a.metric_name AS canonical_metric, c.scope, u.factor,
+SELECT p.source_file, p.source_line, p.partition_day, p.ts, p.metric_name_sent, p.value_sent,
+    p.test_name, p.test_type, p.node_id, p.node_type, p.test_run_id, p.ci_job_id,
+    p.context_data, p.unit_sent,
     CASE
         WHEN p.pre_reason IS NOT NULL THEN p.pre_reason
         WHEN p.record_type IS NULL THEN 'line is not valid JSON'

@@ -20,12 +20,14 @@ the forecast for positive metrics.
 
 Where a series ran on several contexts lately (a test on several nodes), the forecast is the
 model's prediction averaged over its recent context rows: the expected value under the recent
-node mix, which is what a run at that hour will cost when nobody chooses the node.
+node mix, which is what a run at that hour will cost when nobody chooses the node. Where that
+takes many predictions (100 tests on 40 nodes), the context features are fitted without
+interactions with the others, so the average takes one prediction per context and one per hour.
 """
 
 from __future__ import annotations
 
-import warnings
+import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,7 +35,7 @@ import joblib
 import numpy as np
 import pandas as pd
 from sklearn.ensemble import HistGradientBoostingRegressor
-from threadpoolctl import threadpool_limits
+from threadpoolctl import ThreadpoolController
 
 BASELINES = ("last_value", "seasonal_naive_daily", "seasonal_naive_weekly")
 CONTEXT_COLUMNS = ("node_id", "node_type", "test_name", "test_type")
@@ -63,9 +65,23 @@ _OPENMP_THREADS = 1
 # while the model shipped, fitted on all `max_rows`, is if anything better than those scored.
 _CV_ROWS_SHARE = 0.5
 _NODE_SPEED_ROUNDS = 3
+# 50 trees at learning rate 0.3 rather than 200 at 0.1: a fit costs about 2 ms a tree however
+# few its rows, and this cut performance_models' CPU time at M from ~50 s to ~12 s, with every
+# forecast_suite figure and the M metrics' CV MAE within about 1% of the 200 trees (measured;
+# drawing another sample of the same rows moves them 1-2%). 30 trees at 0.4 with 63 bins
+# saved another 3-4 s but cost dense_20x720 2.4%, more than the noise. Validation-split early
+# stopping ran nearly all 200 rounds and saved nothing.
+_BOOSTING_ROUNDS = 50
+_LEARNING_RATE = 0.3
+# Bins per numeric feature (scikit-learn's default; a categorical feature needs a bin per
+# category, up to 255).
+_NUMERIC_BINS = 255
 # Candidate examples kept before each fit's own subsample: enough that every fold's training
 # set can still be drawn at full size, without building millions of rows on long histories.
 _CANDIDATES_PER_FIT_ROW = 3
+# Above this many predictions per forecast (contexts of every series × hours ahead) a model
+# is fitted with its context features apart, and forecast once per context and once per hour.
+_MAX_CONTEXT_PREDICTIONS = 200_000
 
 
 @dataclass
@@ -126,6 +142,17 @@ class _Summary:
     mix_speed: np.ndarray  # (series,) median node_speed of the series' rows in the week before
 
 
+@functools.cache
+def _threadpools() -> ThreadpoolController:
+    # threadpool_limits() looks up the loaded libraries again on every call, 10 ms each, and
+    # a metric's fit makes a dozen calls.
+    return ThreadpoolController()
+
+
+def _openmp_limit():
+    return _threadpools().limit(limits=_OPENMP_THREADS, user_api="openmp")
+
+
 def _clean_context(values: pd.Series) -> pd.Series:
     return values.where(values.isna(), values.astype(str))
 
@@ -139,7 +166,10 @@ def _context_categories(points: pd.DataFrame) -> dict[str, list[str]]:
             continue
         counts = _clean_context(points[column]).value_counts()
         if len(counts) >= 2:
-            categories[column] = [str(v) for v in counts.index[:_MAX_CATEGORIES]]
+            # ties by name, so that the codes do not depend on the order of the points
+            ranked = sorted(zip(counts.to_numpy(), counts.index.astype(str)),
+                            key=lambda count_name: (-count_name[0], count_name[1]))
+            categories[column] = [name for _, name in ranked[:_MAX_CATEGORIES]]
     return categories
 
 
@@ -149,17 +179,19 @@ def _rows(points: pd.DataFrame, categories: dict[str, list[str]],
     hours = pd.to_datetime(frame["hour"]).dt.floor("h")
     if origin is not None:
         frame, hours = frame.loc[hours <= origin], hours[hours <= origin]
-    order = np.argsort(hours.to_numpy(), kind="stable")
-    frame, hours = frame.iloc[order], hours.iloc[order]
     start = hours.min().floor("D") - pd.Timedelta(hours=_PAD_HOURS)
-    series = frame["series"].astype(str)
-    series_codes, series_names = pd.factorize(series, sort=True)
+    hour = ((hours - start) // pd.Timedelta(hours=1)).to_numpy(dtype=np.int64)
+    series_codes, series_names = pd.factorize(frame["series"].astype(str), sort=True)
     codes = np.column_stack(
         [pd.Categorical(_clean_context(frame[c]), categories=cats).codes.astype(np.int32)
          for c, cats in categories.items()]) if categories else np.empty((len(frame), 0), np.int32)
-    return _Rows(hour=((hours - start) // pd.Timedelta(hours=1)).to_numpy(dtype=np.int64),
-                 series=series_codes.astype(np.int64), value=frame["value"].to_numpy(float),
-                 codes=codes, series_names=pd.Index(series_names), start=start,
+    value = frame["value"].to_numpy(float)
+    # By hour, then series, context and value: the sampled training rows, and so the model,
+    # then do not depend on the order of the rows within an hour (a query's ORDER BY hour
+    # leaves it open).
+    order = np.lexsort((value, *codes.T[::-1], series_codes, hour))
+    return _Rows(hour=hour[order], series=series_codes[order].astype(np.int64), value=value[order],
+                 codes=codes[order], series_names=pd.Index(series_names), start=start,
                  node_column=list(categories).index("node_id") if "node_id" in categories else None,
                  n_nodes=len(categories.get("node_id", [])),
                  relative=bool((frame["value"] > 0).all()) if relative is None else relative)
@@ -202,7 +234,11 @@ def _node_speeds(rows: _Rows, level: np.ndarray, origin: int) -> tuple[np.ndarra
     node, series = node[usable], series[usable]
     log_ratio = np.log(value[usable] / base[usable])
     counts = np.bincount(node, minlength=rows.n_nodes)
-    by_series = pd.Series(series)
+    # Rows of each series on each node: a series' median node speed is a weighted median
+    # over at most n_nodes values, found without sorting its rows in every round.
+    runs = np.bincount(series * rows.n_nodes + node,
+                       minlength=rows.n_series * rows.n_nodes).reshape(rows.n_series, rows.n_nodes)
+    n_runs = runs.sum(axis=1)
     mix = np.zeros(rows.n_series)
     # A test that ran only on one slow node has a slow level, so its rows there look normal
     # and would pull that node's speed towards 1: measure each row against its level moved
@@ -210,9 +246,12 @@ def _node_speeds(rows: _Rows, level: np.ndarray, origin: int) -> tuple[np.ndarra
     for _ in range(_NODE_SPEED_ROUNDS):
         with np.errstate(invalid="ignore", divide="ignore"):
             node_speed = np.bincount(node, log_ratio + mix[series], rows.n_nodes) / counts
-        medians = pd.Series(node_speed[node]).groupby(by_series).median()
-        mix[medians.index.to_numpy()] = medians.to_numpy()
-    mix_speed[medians.index.to_numpy()] = medians.to_numpy()
+        order = np.argsort(node_speed)  # nodes without runs (NaN) last, with weight 0
+        cumulative = np.cumsum(runs[:, order], axis=1)
+        low = order[np.argmax(cumulative > ((n_runs - 1) // 2)[:, None], axis=1)]
+        high = order[np.argmax(cumulative > (n_runs // 2)[:, None], axis=1)]
+        mix_speed = np.where(n_runs > 0, (node_speed[low] + node_speed[high]) / 2, np.nan)
+        mix = np.nan_to_num(mix_speed)
     return node_speed, mix_speed
 
 
@@ -221,10 +260,13 @@ def _summary(history: _History, rows: _Rows, origin: int) -> _Summary:
     finite = np.isfinite(window)
     filled = np.where(finite, window, 0.0)
     last = history.last[:, origin]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN windows: handled below
-        level = np.nanmedian(window, axis=1)
-    level = np.where(np.isfinite(level), level, last)
+    # The median of each row's finite hours (NaN sorts last); np.nanmedian takes masked arrays
+    # on rows this short, several times slower, and this runs for every origin.
+    n_finite = finite.sum(axis=1)
+    ordered = np.sort(window, axis=1)
+    middle = np.column_stack([np.maximum(n_finite - 1, 0) // 2, n_finite // 2])
+    level = np.take_along_axis(ordered, np.minimum(middle, HISTORY_HOURS - 1), axis=1).mean(axis=1)
+    level = np.where(n_finite > 0, level, last)
 
     n_series = window.shape[0]
     day_sums = filled.reshape(n_series, 7, DAY).sum(axis=1)
@@ -330,30 +372,86 @@ def _recent_contexts(rows: _Rows, origin: int) -> tuple[np.ndarray, np.ndarray, 
     last_rows = low - 1 - last_position
     last_rows = last_rows[idle[rows.series[last_rows]]]
     chosen = np.concatenate([recent, last_rows])
-    table = pd.DataFrame(rows.codes[chosen], columns=[f"c{i}" for i in range(rows.codes.shape[1])])
-    table.insert(0, "series", rows.series[chosen])
-    grouped = table.groupby(list(table.columns), sort=True).size().reset_index(name="weight")
-    return (grouped["series"].to_numpy(np.int64), grouped.iloc[:, 1:-1].to_numpy(np.int32),
-            grouped["weight"].to_numpy(float))
+    # One integer per (series, codes), in that order of significance: a code (-1 to 248)
+    # plus one takes 8 bits, so sorting the keys sorts by series, then by codes.
+    key = rows.series[chosen].astype(np.int64)
+    for column in rows.codes[chosen].T:
+        key = key * 256 + column + 1
+    _, first, weight = np.unique(key, return_index=True, return_counts=True)
+    return (rows.series[chosen][first].astype(np.int64), rows.codes[chosen][first],
+            weight.astype(float))
+
+
+def _context_features(rows: _Rows, horizon_hours: int) -> tuple[int, ...]:
+    """Model input columns to fit apart from the others: the context columns that vary within
+    a series (a test's node), with node_shift. Empty where every series has one context (a
+    node's own metrics), or where predicting every hour on every context is cheap anyway: the
+    node's effect then may differ by hour (a busy node at its busy hours), which made
+    fleet-wide run metrics (one series on ~40 nodes) 3-8% less accurate when fitted apart,
+    while per-test metrics were as accurate (measured)."""
+    end = int(rows.hour[-1])
+    if len(_recent_contexts(rows, end)[0]) * horizon_hours <= _MAX_CONTEXT_PREDICTIONS:
+        return ()
+    varying = []
+    for column in range(rows.codes.shape[1]):
+        pairs = rows.series * (rows.codes[:, column].max() + 2) + rows.codes[:, column] + 1
+        if len(np.unique(pairs)) > len(np.unique(rows.series)):
+            varying.append(len(NUMERIC_FEATURES) + column)
+    return (NUMERIC_FEATURES.index("node_shift"), *varying) if varying else ()
+
+
+def _predict(model: HistGradientBoostingRegressor, numeric: np.ndarray,
+             codes: np.ndarray) -> np.ndarray:
+    with _openmp_limit():
+        return model.predict(_model_input(numeric, codes))
 
 
 def _model_forecast(model: HistGradientBoostingRegressor, rows: _Rows, summary: _Summary,
-                    series: np.ndarray, hour: np.ndarray, origin: int) -> np.ndarray:
+                    series: np.ndarray, hour: np.ndarray, origin: int,
+                    context_features: tuple[int, ...] = ()) -> np.ndarray:
     """The model's forecast of each (series, hour), averaged over the series' recent contexts."""
     context_series, context_codes, weight = _recent_contexts(rows, origin)
     per_series = np.bincount(context_series, minlength=rows.n_series)
     first = np.cumsum(per_series) - per_series
+    if context_features:
+        return _additive_forecast(model, rows, summary, series, hour, origin,
+                                  (context_series, context_codes, weight, first))
     repeats = per_series[series]
     pair = np.repeat(np.arange(len(series)), repeats)
     offset = np.arange(len(pair)) - np.repeat(np.cumsum(repeats) - repeats, repeats)
     context = first[series][pair] + offset
     codes = context_codes[context]
     numeric = _features(summary, series[pair], hour[pair], origin, rows, codes)
-    with threadpool_limits(_OPENMP_THREADS, user_api="openmp"):
-        prediction = model.predict(_model_input(numeric, codes))
+    prediction = _predict(model, numeric, codes)
     w = weight[context]
     value = _from_target(rows, prediction, _anchor(numeric, rows))
     return np.bincount(pair, w * value, len(series)) / np.bincount(pair, w, len(series))
+
+
+def _additive_forecast(model: HistGradientBoostingRegressor, rows: _Rows, summary: _Summary,
+                       series: np.ndarray, hour: np.ndarray, origin: int,
+                       contexts: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]) -> np.ndarray:
+    """`_model_forecast` of a model whose context features never share a tree with the others:
+    its prediction is a part that depends on the hour plus one that depends on the context,
+    so each (series, hour) is predicted once, on the series' first context, and each context
+    once, at the first hour ahead, instead of every hour on every context (40 nodes times 336
+    hours for a test). Equal to the full average up to rounding."""
+    context_series, context_codes, weight, first = contexts
+    reference = first[series]
+    context_numeric = _features(summary, context_series, np.full(len(context_series), origin + 1),
+                                origin, rows, context_codes)
+    pair_numeric = _features(summary, series, hour, origin, rows, context_codes[reference])
+    prediction = _predict(model, np.concatenate([context_numeric, pair_numeric]),
+                          np.concatenate([context_codes, context_codes[reference]]))
+    context_part, hour_part = prediction[:len(context_series)], prediction[len(context_series):]
+    hour_part = hour_part - context_part[reference]
+    anchor = _anchor(context_numeric, rows)
+    total = np.bincount(context_series, weight, rows.n_series)
+    if rows.relative:
+        scale = np.bincount(context_series, weight * anchor * np.exp(context_part), rows.n_series)
+        return scale[series] / total[series] * np.exp(hour_part)
+    shift = np.bincount(context_series, weight * (anchor + context_part), rows.n_series)
+    return shift[series] / total[series] + hour_part
 
 
 def _lead_bucket(lead_hours: np.ndarray, n_buckets: int) -> np.ndarray:
@@ -396,6 +494,9 @@ class MetricForecaster:
     categories: dict[str, list[str]] = field(default_factory=dict)
     interval_offsets: np.ndarray | None = None
     relative: bool = False  # a positive metric: modelled in ratios, intervals as shares
+    # Model input columns fitted apart from the others (see `_context_features`); empty for
+    # models fitted with every interaction, which are then predicted on every context.
+    context_features: tuple[int, ...] = ()
 
     def forecast(self, points: pd.DataFrame, *, origin=None, horizon_hours: int = 336) -> pd.DataFrame:
         """Forecast of every series for each hour in (origin, origin + horizon], from the
@@ -431,7 +532,7 @@ class MetricForecaster:
                 origin: int) -> np.ndarray:
         if self.method == "model":
             return _model_forecast(self.model, rows, _summary(history, rows, origin), series, hour,
-                                   origin)
+                                   origin, self.context_features)
         return _baselines(history, series, hour, origin)[self.method]
 
 
@@ -468,24 +569,36 @@ def _examples(rows: _Rows, history: _History, origins: np.ndarray, horizon: int,
     return _Examples(numeric, codes, target, hour)
 
 
-def _fit_model(examples: _Examples, usable: np.ndarray, *, seed: int,
-               max_rows: int) -> tuple[HistGradientBoostingRegressor, int]:
+def _fit_model(examples: _Examples, usable: np.ndarray, *, seed: int, max_rows: int,
+               context_features: tuple[int, ...]) -> tuple[HistGradientBoostingRegressor, int]:
     index = np.flatnonzero(usable)
     if len(index) > max_rows:
         index = np.sort(np.random.default_rng(seed).choice(index, max_rows, replace=False))
     n_context = examples.codes.shape[1]
     categorical = [False] * len(NUMERIC_FEATURES) + [True] * n_context
+    # Context features split only among themselves: a node's speed then moves every hour's
+    # forecast of a test alike, and a forecast needs one prediction per context, not per
+    # context and hour (`_additive_forecast`).
+    # HistGradientBoosting reads interaction_cst in the order it bins the columns in, the
+    # categorical ones first (scikit-learn 1.9), not in the order they are given.
+    binned_order = np.argsort(~np.array(categorical), kind="stable")
+    position = np.argsort(binned_order)
+    context = [int(position[i]) for i in context_features]
+    others = [i for i in range(len(categorical)) if i not in context]
     # 15 leaves rather than the default 31: a third faster, with the same CV MAE on the
     # seasonal and sparse suites (forecast_suite; measured).
+    n_categories = int(examples.codes[index].max()) + 1 if n_context and len(index) else 0
     model = HistGradientBoostingRegressor(
-        max_iter=200, learning_rate=0.1, max_leaf_nodes=15, early_stopping=False,
+        max_iter=_BOOSTING_ROUNDS, learning_rate=_LEARNING_RATE, max_leaf_nodes=15,
+        max_bins=min(255, max(_NUMERIC_BINS, n_categories)), early_stopping=False,
         random_state=seed,
-        categorical_features=categorical if n_context else None)
+        categorical_features=categorical if n_context else None,
+        interaction_cst=[others, context] if context else None)
     features = _model_input(examples.numeric[index], examples.codes[index])
     # A feature never known in training (no weekly value for any sparse row) cannot be binned;
     # as a constant it is simply never split on.
     features[:, np.isnan(features).all(axis=0)] = 0.0
-    with threadpool_limits(_OPENMP_THREADS, user_api="openmp"):
+    with _openmp_limit():
         model.fit(features, examples.target[index])
     return model, len(index)
 
@@ -523,6 +636,7 @@ def fit_forecaster(points: pd.DataFrame, *, horizon_hours: int = 336, folds: int
         raise ValueError("no points with a value to forecast from")
     first, end = int(rows.hour[0]), int(rows.hour[-1])
     history = _history(rows, end)
+    context_features = _context_features(rows, horizon_hours)
     n_buckets = max(1, -(-horizon_hours // DAY))
     rng = np.random.default_rng(seed)
     origins = np.arange(end - ORIGIN_STEP_HOURS, first + HISTORY_HOURS - 2, -ORIGIN_STEP_HOURS)[::-1]
@@ -537,14 +651,16 @@ def fit_forecaster(points: pd.DataFrame, *, horizon_hours: int = 336, folds: int
         if usable.sum() < MIN_TRAINING_ROWS or len(target) == 0:
             continue
         model, _ = _fit_model(examples, usable, seed=seed,
-                              max_rows=max(MIN_TRAINING_ROWS, int(max_rows * _CV_ROWS_SHARE)))
+                              max_rows=max(MIN_TRAINING_ROWS, int(max_rows * _CV_ROWS_SHARE)),
+                              context_features=context_features)
         series, hour = rows.series[target], rows.hour[target]
         # One forecast per (series, hour): rows of a test at one hour on two nodes share it.
         span = end + horizon_hours + 1
         pairs, inverse = np.unique(series * span + hour, return_inverse=True)
         summary = _summary(history, rows, cutoff)
         forecasts["model"].append(
-            _model_forecast(model, rows, summary, pairs // span, pairs % span, cutoff)[inverse])
+            _model_forecast(model, rows, summary, pairs // span, pairs % span, cutoff,
+                            context_features)[inverse])
         for name, values in _baselines(history, series, hour, cutoff).items():
             forecasts[name].append(values)
         actual.append(rows.value[target])
@@ -586,9 +702,11 @@ def fit_forecaster(points: pd.DataFrame, *, horizon_hours: int = 336, folds: int
     model, fitted_rows = (None, 0)
     if method == "model":
         model, fitted_rows = _fit_model(examples, np.ones(len(examples.target), bool),
-                                        seed=seed, max_rows=max_rows)
+                                        seed=seed, max_rows=max_rows,
+                                        context_features=context_features)
     forecaster = MetricForecaster(method=method, model=model, categories=categories,
-                                  interval_offsets=offsets, relative=rows.relative)
+                                  interval_offsets=offsets, relative=rows.relative,
+                                  context_features=context_features if model else ())
     return forecaster, ForecastEvaluation(
         rows=fitted_rows, folds=len(actual), model_mae=model_mae,
         baseline_mae={name: mae[name] for name in BASELINES}, best_baseline=best_baseline,

@@ -1,5 +1,7 @@
 """Forecasting against synthetic histories whose best forecast is known."""
 
+import dataclasses
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -105,6 +107,19 @@ def test_a_test_is_forecast_for_the_nodes_it_ran_on_lately():
     for test in ("test_00", "test_01", "test_02", "test_07", "test_20"):
         expected = test_base(int(test.removeprefix("test_"))) * node_mix[test]
         assert mean_forecast[test] == pytest.approx(expected, rel=0.1)
+
+
+def test_many_tests_on_many_nodes_are_forecast_per_node_once_with_the_same_result(seasonal):
+    # 40 tests on 20 nodes over 336 hours: too many predictions to make on every node at
+    # every hour, so the node's effect is fitted apart and added once per node.
+    points = sparse_tests(40, 21, seed=7)
+    forecaster, evaluation = fit_forecaster(points, seed=7)
+    assert evaluation.method == "model" and forecaster.context_features
+    on_every_node = dataclasses.replace(forecaster, context_features=())
+    pd.testing.assert_frame_equal(forecaster.forecast(points), on_every_node.forecast(points),
+                                  check_exact=False, rtol=1e-9)
+    # A node's own metric has one context per series: every interaction stays in the model.
+    assert seasonal[1].context_features == ()
 
 
 def test_a_saved_forecaster_forecasts_the_same(seasonal, tmp_path):

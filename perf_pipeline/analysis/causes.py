@@ -42,15 +42,31 @@ _MIN_POINTS = 2
 _MAX_CAUSES = 5
 
 
-def _incident_points(incident, members: pd.DataFrame, series: pd.DataFrame) -> pd.DataFrame:
-    if incident.attribution == "code_change":
-        keys = set(zip(members["metric_name"], members["test_name"]))
-        scoped = series[series["scope"] == "test"]
-        return scoped[[k in keys for k in zip(scoped["metric_name"], scoped["test_name"])]]
-    if incident.attribution == "node_problem":
-        return series[(series["scope"] == "node") & (series["node_id"] == incident.node_id)
-                      & series["metric_name"].isin(incident.metrics)]
-    return series[(series["scope"] == "overall") & series["metric_name"].isin(incident.metrics)]
+class _SeriesIndex:
+    """The series' rows of each scope, and where each test's and each node's rows are: found
+    once, not by comparing every row's names again for every incident."""
+
+    def __init__(self, series: pd.DataFrame):
+        scopes = {scope: frame for scope, frame in series.groupby("scope", sort=False)}
+        self.tests, self.nodes, self.overall = (scopes.get(scope, series.iloc[:0])
+                                                for scope in ("test", "node", "overall"))
+        self.test_rows = self.tests.groupby(["metric_name", "test_name"], sort=False).indices
+        self.node_rows = self.nodes.groupby("node_id", sort=False).indices
+
+    def points(self, incident, members: pd.DataFrame) -> pd.DataFrame:
+        """The points of the incident's series."""
+        if incident.attribution == "code_change":
+            keys = set(zip(members["metric_name"], members["test_name"]))
+            return self.tests.iloc[_positions([self.test_rows[k] for k in keys if k in self.test_rows])]
+        if incident.attribution == "node_problem":
+            on_node = self.nodes.iloc[self.node_rows.get(incident.node_id, np.array([], dtype=int))]
+            return on_node[on_node["metric_name"].isin(incident.metrics)]
+        return self.overall[self.overall["metric_name"].isin(incident.metrics)]
+
+
+def _positions(groups: list[np.ndarray]) -> np.ndarray:
+    """The rows of all the groups, in the frame's order."""
+    return np.sort(np.concatenate(groups)) if groups else np.array([], dtype=int)
 
 
 def _shifted(before: np.ndarray, after: np.ndarray, magnitude: float) -> bool:
@@ -68,9 +84,20 @@ def _shifted(before: np.ndarray, after: np.ndarray, magnitude: float) -> bool:
 def _spread(points: pd.DataFrame, at: pd.Timestamp, by: str, magnitude: float) -> tuple[list, list]:
     """(groups that shifted, groups with enough points on both sides), grouping by `by`."""
     shifted, judged = [], []
-    for key, group in points.groupby(by):
-        before = group.loc[group["timestamp"] < at, "level"].to_numpy()
-        after = group.loc[group["timestamp"] >= at, "level"].to_numpy()
+    # groups as sorted codes and plain arrays: a pandas group and two lookups per group
+    # cost more than the medians
+    codes, keys = pd.factorize(points[by], sort=True)
+    order = np.argsort(codes, kind="stable")
+    bounds = np.flatnonzero(np.diff(codes[order])) + 1
+    stamps = points["timestamp"].to_numpy()
+    earlier, later = stamps < np.datetime64(at), stamps >= np.datetime64(at)
+    levels = points["level"].to_numpy()
+    for positions in np.split(order, bounds):
+        if not len(positions) or codes[positions[0]] < 0:
+            continue  # rows without a group, as groupby drops them
+        key = keys[codes[positions[0]]]
+        before = levels[positions[earlier[positions]]]
+        after = levels[positions[later[positions]]]
         if len(before) >= _MIN_POINTS and len(after) >= _MIN_POINTS:
             judged.append(key)
             if _shifted(before, after, magnitude):
@@ -132,10 +159,11 @@ def _short(commit: object) -> str:
     return commit[:12] if isinstance(commit, str) else "?"
 
 
-def _node_problem_cause(incident, series: pd.DataFrame, at: pd.Timestamp,
+def _node_problem_cause(incident, tests: pd.DataFrame, at: pd.Timestamp,
                         magnitude: float) -> dict | None:
-    """A sick node slows most of what it runs, and the same tests elsewhere do not."""
-    runs = series[(series["scope"] == "test") & series["metric_name"].isin(incident.metrics)]
+    """A sick node slows most of what it runs, and the same tests elsewhere do not
+    (`tests`: the per-test series' rows)."""
+    runs = tests[tests["metric_name"].isin(incident.metrics)]
     runs = runs.assign(level=runs["relative"])
     on_node = runs["run_node_id"] == incident.node_id
     shifted, judged = _spread(runs[on_node], at, "test_name", magnitude)
@@ -196,18 +224,19 @@ def suspected_causes(incidents: pd.DataFrame, changes: pd.DataFrame, series: pd.
     `contexts` from `correlations.flatten_contexts`, `correlations` from
     `correlations.metric_correlations`."""
     rows = []
+    index = _SeriesIndex(series)
     for incident in incidents[incidents["kind"] != "improvement"].itertuples(index=False):
         members = changes[changes["incident_id"] == incident.incident_id]
         at = pd.Timestamp(incident.timestamp)
         magnitude = float(incident.worst_magnitude_percent) if pd.notna(incident.worst_magnitude_percent) else 0.0
-        points = _incident_points(incident, members, series)
+        points = index.points(incident, members)
         causes = _context_causes(points, at, contexts)
         if incident.attribution == "code_change":
             node_spread = _spread(points, at, "run_node_id", magnitude)
-            causes += [_commit_cause(points, members, series, node_spread),
+            causes += [_commit_cause(points, members, index.tests, node_spread),
                        _single_node_cause(node_spread)]
         elif incident.attribution == "node_problem":
-            causes.append(_node_problem_cause(incident, series, at, magnitude))
+            causes.append(_node_problem_cause(incident, index.tests, at, magnitude))
         causes += _co_moving(incident, members, changes, correlations)
         ranked = sorted((c for c in causes if c is not None), key=lambda c: -c["score"])[:_MAX_CAUSES]
         rows += [{"incident_id": incident.incident_id, "rank": rank, **cause}

@@ -66,7 +66,7 @@ Limits that no tuning removes (figures from perf_pipeline_tests/benchmarks):
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -117,6 +117,10 @@ class DetectorSettings:
 DEFAULT_SETTINGS = DetectorSettings()
 # A cycle must cut the spread of lag-p differences to this share of the lag-p/2 ones.
 _PERIOD_RATIO = 0.7
+# Lags whose differences `_lag_spreads` handles at once.
+_LAG_ROWS = 32
+# Rows at least this long have their medians selected rather than sorted.
+_SELECTION_WIDTH = 256
 # No stretch is judged at a false-alarm probability above this, however long it is.
 _MAX_STRETCH_ALPHA = 0.5
 # Series where one value holds half the points (rare-event counts, rates at 100%) are
@@ -138,12 +142,27 @@ _HIDDEN_CYCLE = True
 _RAMP_MARGIN = 0.5
 
 
+def _median(values: np.ndarray) -> float:
+    """np.median of a 1-D array of finite values (the middle value, or the mean of the two
+    middle ones), without np.median's checks, which cost more than the selection itself
+    on the short stretches that detection takes thousands of medians of."""
+    n = len(values)
+    if n == 0:
+        return math.nan
+    middle = n // 2
+    # summed from 0.0 as np.median's mean of the middle values is (so -0.0 becomes 0.0)
+    if n % 2:
+        return float(0.0 + np.partition(values, middle)[middle])
+    ordered = np.partition(values, (middle - 1, middle))
+    return float((0.0 + ordered[middle - 1] + ordered[middle]) / 2)
+
+
 def robust_sigma(values: np.ndarray) -> float:
     """Noise level from first differences: insensitive to steps and slow level changes."""
     if len(values) < 3:
         return 0.0
     diffs = np.diff(values)
-    return float(MAD_TO_SIGMA * np.median(np.abs(diffs - np.median(diffs))) / np.sqrt(2))
+    return float(MAD_TO_SIGMA * _median(np.abs(diffs - _median(diffs))) / np.sqrt(2))
 
 
 def _rolling_median(values: np.ndarray, window: int, *, edges: str = "edge") -> np.ndarray:
@@ -158,27 +177,60 @@ def _rolling_median(values: np.ndarray, window: int, *, edges: str = "edge") -> 
 def _spread(values: np.ndarray) -> float:
     """Mean absolute deviation from the median: robust to outliers, but unlike the median
     absolute deviation it does not jump between the modes of a bimodal series."""
-    return float(np.mean(np.abs(values - np.median(values))))
+    return float(np.mean(np.abs(values - _median(values))))
 
 
 def _lag_spreads(values: np.ndarray, lags: np.ndarray) -> np.ndarray:
     """`_spread` of the lag-l differences for every lag l, a block of lags at a time."""
     n = len(values)
     block = max(1, 2_000_000 // n)  # lags per block: about 2 million differences at once
-    spreads = []
+    spreads = np.empty(len(lags))
     for first in range(0, len(lags), block):
-        chunk = lags[first:first + block]
-        lengths = n - chunk
-        columns = np.arange(lengths.max())
-        valid = columns < lengths[:, None]
-        ahead = np.minimum(chunk[:, None] + columns, n - 1)
-        diffs = np.where(valid, values[ahead] - values[columns], np.inf)
-        ordered = np.sort(diffs, axis=1)
-        rows = np.arange(len(chunk))
-        medians = (ordered[rows, (lengths - 1) // 2] + ordered[rows, lengths // 2]) / 2
-        deviations = np.where(valid, np.abs(diffs - medians[:, None]), 0.0)
-        spreads.append(deviations.sum(axis=1) / lengths)
-    return np.concatenate(spreads)
+        # rows padded to the block's longest; a few rows at a time, as arrays that stay in
+        # the cache are several times faster to fill, select from and sum
+        width = n - int(lags[first:first + block].min())
+        for low in range(first, min(first + block, len(lags)), _LAG_ROWS):
+            chunk = lags[low:min(low + _LAG_ROWS, first + block)]
+            lengths = n - chunk
+            valid = np.arange(width) < lengths[:, None]
+            diffs = np.full(valid.shape, np.inf)
+            for row, lag in enumerate(chunk.tolist()):
+                diffs[row, :n - lag] = values[lag:] - values[:n - lag]
+            deviations = np.where(valid, np.abs(diffs - _row_medians(diffs, lengths)[:, None]), 0.0)
+            spreads[low:low + len(chunk)] = deviations.sum(axis=1) / lengths
+    return spreads
+
+
+def _row_medians(rows: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """The median of the first `lengths[i]` values of each row i (the rest of it +inf).
+
+    A selection at one position is several times faster than sorting the rows: each row's
+    values are laid between as many -inf as +inf, so that in every row of a parity its
+    middle lies at the same column; of an even count, the lower middle value is then the
+    largest value left of that column."""
+    width = rows.shape[1]
+    if width < _SELECTION_WIDTH:  # short rows: one sort costs less than laying them out
+        ordered = np.sort(rows, axis=1)
+        every = np.arange(len(rows))
+        return (ordered[every, (lengths - 1) // 2] + ordered[every, lengths // 2]) / 2
+    medians = np.empty(len(rows))
+    for parity in (0, 1):
+        members = np.flatnonzero((width - lengths) % 2 == parity)
+        if not len(members):
+            continue
+        span = width + parity
+        balanced = np.full((len(members), span), np.inf)
+        for row, member in enumerate(members.tolist()):
+            pad = (span - lengths[member]) // 2
+            balanced[row, :pad] = -np.inf
+            balanced[row, pad:pad + lengths[member]] = rows[member, :lengths[member]]
+        middle = span // 2
+        selected = np.partition(balanced, middle, axis=1)
+        if span % 2:
+            medians[members] = selected[:, middle]
+        else:
+            medians[members] = (selected[:, :middle].max(axis=1) + selected[:, middle]) / 2
+    return medians
 
 
 def find_period(values: np.ndarray, *, max_period: int | None = None) -> int | None:
@@ -220,9 +272,14 @@ def _cycle_leftover(values: np.ndarray, period: int) -> float:
 
 def _cycle_profile(deviations: np.ndarray, period: int) -> np.ndarray:
     """Each phase's median deviation, centred: the cycle to subtract."""
-    phases = np.arange(len(deviations)) % period
-    profile = np.array([np.median(deviations[phases == p]) for p in range(period)])
-    return (profile - profile.mean())[phases]
+    n = len(deviations)
+    cycles = -(-n // period)
+    # one column per phase, NaN past the end (sorted last): each column's middle values
+    by_phase = np.sort(np.r_[deviations, np.full(cycles * period - n, np.nan)].reshape(cycles, period), axis=0)
+    counts = np.where(np.arange(period) < n - (cycles - 1) * period, cycles, cycles - 1)
+    phase = np.arange(period)
+    profile = (0.0 + by_phase[(counts - 1) // 2, phase] + by_phase[counts // 2, phase]) / 2
+    return (profile - profile.mean())[np.arange(n) % period]
 
 
 def remove_cycle(values: np.ndarray, period: int) -> np.ndarray:
@@ -381,9 +438,12 @@ def _locate(x: np.ndarray, start: int, end: int, min_size: int) -> int:
     return start + int(k[np.argmax(gain / (2 * residual) - 0.5 * np.log(leverage))])
 
 
-def _segment_residuals(x: np.ndarray, bounds: list[int]) -> np.ndarray:
+def _segment_residuals(x: np.ndarray, bounds: list[int],
+                       median: Callable[[int, int], float] | None = None) -> np.ndarray:
+    """x minus the median of its segment; `median(a, b)` (of x[a:b]) may be a cached one."""
+    median = median or (lambda a, b: _median(x[a:b]))
     edges = [0, *bounds, len(x)]
-    return np.concatenate([x[a:b] - np.median(x[a:b]) for a, b in zip(edges[:-1], edges[1:])])
+    return np.concatenate([x[a:b] - median(a, b) for a, b in zip(edges[:-1], edges[1:])])
 
 
 def _residual_lag1(residuals: np.ndarray, segments: int) -> tuple[float, float]:
@@ -421,13 +481,47 @@ def _lag1_from_differences(x: np.ndarray) -> tuple[float, float]:
     return rho, 1.4 * math.sqrt((1 + rho) / len(x))
 
 
-def _noise(x: np.ndarray, bounds: list[int], sigma: float, cycle: int | None) -> _Noise:
-    residuals = _segment_residuals(x, bounds)
+class _Stretches:
+    """Statistics of x[a:b] that depend on the stretch alone, each computed once:
+    confirmation judges most stretches again in every round of merging."""
+
+    def __init__(self, x: np.ndarray, min_size: int):
+        self.x, self.min_size = x, min_size
+        self._known: dict[tuple, object] = {}
+
+    def _once(self, key: tuple, compute: Callable[[], object]):
+        if key not in self._known:
+            self._known[key] = compute()
+        return self._known[key]
+
+    def median(self, a: int, b: int) -> float:
+        return self._once(("median", a, b), lambda: _median(self.x[a:b]))
+
+    def locate(self, a: int, b: int) -> int:
+        return self._once(("locate", a, b), lambda: _locate(self.x, a, b, self.min_size))
+
+    def max_split_t(self, a: int, b: int) -> float:
+        return self._once(("split", a, b), lambda: _max_split_t(self.x[a:b], self.min_size))
+
+    def rank_z(self, a: int, b: int, start: int, stop: int) -> float:
+        return self._once(("rank", a, b, start, stop), lambda: _rank_z(self.x[a:b], start, stop))
+
+    def excursion_t(self, a: int, b: int, start: int, stop: int) -> float:
+        return self._once(("excursion", a, b, start, stop), lambda: _excursion_t(self.x[a:b], start, stop))
+
+    def lag1_from_differences(self) -> tuple[float, float]:
+        return self._once(("differences",), lambda: _lag1_from_differences(self.x))
+
+
+def _noise(x: np.ndarray, bounds: list[int], sigma: float, cycle: int | None,
+           stretches: _Stretches | None = None) -> _Noise:
+    stretches = stretches or _Stretches(x, 1)
+    residuals = _segment_residuals(x, bounds, stretches.median)
     rho, rho_error = _residual_lag1(residuals, len(bounds) + 1)
     # Boundaries that follow the wander of autocorrelated noise take its autocorrelation
     # with them, and so help each other pass: where the residuals' estimate falls clearly
     # below the one from differences, the differences are believed.
-    differenced, differenced_error = _lag1_from_differences(x)
+    differenced, differenced_error = stretches.lag1_from_differences()
     if rho < differenced - 2 * differenced_error:
         rho, rho_error = differenced, differenced_error
     # AR(1) inflation, and the degrees of freedom a removed cycle took (one per phase),
@@ -437,37 +531,37 @@ def _noise(x: np.ndarray, bounds: list[int], sigma: float, cycle: int | None) ->
     # autocorrelated series and would overstate their shifts.
     return _Noise(inflation=math.sqrt(ar1_variance_inflation(rho) * len(x) / (len(x) - (cycle or 0))),
                   log_error=rho_error / (1 - rho**2),
-                  spread=max(sigma, MAD_TO_SIGMA * float(np.median(np.abs(residuals)))))
+                  spread=max(sigma, MAD_TO_SIGMA * _median(np.abs(residuals))))
 
 
-def _assess(x: np.ndarray, bounds: list[int], i: int, noise: _Noise, settings: DetectorSettings
-            ) -> tuple[tuple[int, float, float], float, float]:
+def _assess(x: np.ndarray, bounds: list[int], i: int, noise: _Noise, settings: DetectorSettings,
+            stretches: _Stretches) -> tuple[tuple[int, float, float], float, float]:
     """Boundary i between its neighbours: ((index, p, effect), shortfall, direction), the
     shortfall being how far it is from passing (at most 1 passes)."""
     h = settings.min_size
     a = bounds[i - 1] if i else 0
     b = bounds[i + 1] if i + 1 < len(bounds) else len(x)
     k = bounds[i]
-    p_value = max_split_tail(_max_split_t(x[a:b], h) / noise.inflation, b - a, h, noise.log_error)
+    p_value = max_split_tail(stretches.max_split_t(a, b) / noise.inflation, b - a, h, noise.log_error)
     if min(k - a, b - k) < _SHORT_SIDE:
-        rank_z = abs(_rank_z(x[a:b], 0, k - a)) / noise.inflation
+        rank_z = abs(stretches.rank_z(a, b, 0, k - a)) / noise.inflation
         p_value = max(p_value, max_split_tail(rank_z, b - a, h, noise.log_error))
-    shift = float(np.median(x[k:b]) - np.median(x[a:k]))
+    shift = stretches.median(k, b) - stretches.median(a, k)
     shortfall = max(p_value / _stretch_alpha(b - a, settings.alpha),
                     settings.min_effect * noise.spread / max(abs(shift), 1e-300))
     return (k, p_value, abs(shift) / noise.spread), shortfall, float(np.sign(shift))
 
 
 def _excursion_shortfall(x: np.ndarray, bounds: list[int], i: int, noise: _Noise,
-                         settings: DetectorSettings) -> float:
+                         settings: DetectorSettings, stretches: _Stretches) -> float:
     """How far boundaries i and i + 1, an excursion that reverts, are from passing as the
     most pronounced stretch of the span between their outer neighbours."""
     a = bounds[i - 1] if i else 0
     b = bounds[i + 2] if i + 2 < len(bounds) else len(x)
     start, stop = bounds[i] - a, bounds[i + 1] - a
-    z = _excursion_t(x[a:b], start, stop)
+    z = stretches.excursion_t(a, b, start, stop)
     if min(stop - start, b - a - (stop - start)) < _SHORT_SIDE:
-        z = min(z, abs(_rank_z(x[a:b], start, stop)))
+        z = min(z, abs(stretches.rank_z(a, b, start, stop)))
     return (max_excursion_tail(z / noise.inflation, b - a, settings.min_size, noise.log_error)
             / _stretch_alpha(b - a, settings.alpha))
 
@@ -482,21 +576,23 @@ def _confirm(x: np.ndarray, candidates: list[int], sigma: float, settings: Detec
     were picked to make it stand out. Candidates are located, judged, and the failing
     ones merged away until all that are left stand."""
     bounds = sorted(candidates)
+    stretches = _Stretches(x, settings.min_size)
     while bounds:
         for i in range(len(bounds)):  # left to right, so boundaries keep their order
-            bounds[i] = _locate(x, bounds[i - 1] if i else 0,
-                                bounds[i + 1] if i + 1 < len(bounds) else len(x), settings.min_size)
-        noise = _noise(x, bounds, sigma, cycle)
+            bounds[i] = stretches.locate(bounds[i - 1] if i else 0,
+                                         bounds[i + 1] if i + 1 < len(bounds) else len(x))
+        noise = _noise(x, bounds, sigma, cycle, stretches)
         results, shortfalls, signs = [], [], []
         for i in range(len(bounds)):
-            result, shortfall, sign = _assess(x, bounds, i, noise, settings)
+            result, shortfall, sign = _assess(x, bounds, i, noise, settings, stretches)
             results.append(result)
             shortfalls.append(shortfall)
             signs.append(sign)
         for i in range(len(bounds) - 1):
             if signs[i] != signs[i + 1]:
                 weaker = i if shortfalls[i] > shortfalls[i + 1] else i + 1
-                shortfalls[weaker] = max(shortfalls[weaker], _excursion_shortfall(x, bounds, i, noise, settings))
+                shortfalls[weaker] = max(shortfalls[weaker],
+                                         _excursion_shortfall(x, bounds, i, noise, settings, stretches))
         if max(shortfalls) <= 1:
             return results
         # Merge away every failing boundary that is weaker than its failing neighbours:
@@ -595,7 +691,7 @@ def _clipped(x: np.ndarray, settings: DetectorSettings) -> np.ndarray:
 
 def _piecewise_median(x: np.ndarray, bounds: list[int]) -> np.ndarray:
     edges = [0, *bounds, len(x)]
-    return np.concatenate([np.full(b - a, np.median(x[a:b])) for a, b in zip(edges[:-1], edges[1:])])
+    return np.concatenate([np.full(b - a, _median(x[a:b])) for a, b in zip(edges[:-1], edges[1:])])
 
 
 def _changes(x: np.ndarray, settings: DetectorSettings, cycle: int | None) -> list[tuple[int, float, float]]:
@@ -723,7 +819,7 @@ def detect_change_points(values: Sequence[float], *, timestamps: Sequence | None
     edges = [0, *[k for k, _, _ in confirmed], len(y)]
 
     def step_sign(m: int) -> float:  # direction of the m-th confirmed change
-        return np.sign(np.median(y[edges[m + 1]:edges[m + 2]]) - np.median(y[edges[m]:edges[m + 1]]))
+        return np.sign(_median(y[edges[m + 1]:edges[m + 2]]) - _median(y[edges[m]:edges[m + 1]]))
 
     # Autocorrelated noise fits a smooth shape better than white noise of the same spread:
     # its likelihood ratios count for 1/inflation as much when a ramp is weighed.
@@ -748,8 +844,8 @@ def detect_change_points(values: Sequence[float], *, timestamps: Sequence | None
             (k, end), shape = ramp, "ramp"
             p_value = min(r[1] for r in confirmed[i:j + 1])
             effect = sum(r[2] for r in confirmed[i:j + 1])
-        before = float(np.median(y[edges[i]:k]))
-        after = float(np.median(y[edges[j + 1]:edges[j + 2]]))
+        before = _median(y[edges[i]:k])
+        after = _median(y[edges[j + 1]:edges[j + 2]])
         magnitude = (after - before) / abs(before) * 100 if abs(before) > 1e-9 else None
         worse = np.sign(after - before) * sign > 0
         changes.append(ChangePoint(

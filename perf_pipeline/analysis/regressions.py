@@ -54,15 +54,19 @@ def build_series(points: pd.DataFrame) -> pd.DataFrame:
     """
     points = points.assign(run_node_id=points["node_id"])
     per_test = points[points["metric_scope"] == "test"]
-    base = per_test.groupby(["metric_name", "test_name"])["value"].transform("median")
+    # names as integer codes, found once: grouping by text columns factorized them again
+    # for every grouping, which cost most of this function
+    metric, test, node, run = (_codes(per_test[name])
+                               for name in ("metric_name", "test_name", "node_id", "test_run_id"))
+    base = per_test["value"].groupby([metric, test]).transform("median")
     relative = per_test["value"] / base.where(base > 0)
     per_test = per_test.assign(relative=relative)
     # A test's runs land on different nodes; dividing by each node's typical speed for the
     # metric keeps a slow node's runs from looking like a change in the test.
-    node_speed = relative.groupby([per_test["metric_name"], per_test["node_id"]]).transform("median")
+    node_speed = relative.groupby([metric, node]).transform("median")
     # A node is judged against the other nodes of the same run: the fleet's daily load
     # cycle and a code change reach every node alike and cancel; a node problem does not.
-    run_level = relative.groupby([per_test["metric_name"], per_test["test_run_id"]]).transform("median")
+    run_level = relative.groupby([metric, run]).transform("median")
     speed = node_speed.where(node_speed > 0).fillna(1.0)
     # A test is judged against the other tests of the same run (each at its node's
     # speed): load that the whole fleet shares (busy afternoons, quiet weekends) moves every
@@ -71,7 +75,7 @@ def build_series(points: pd.DataFrame) -> pd.DataFrame:
     # only in the run's own series (`run_series`: scope "overall", the run's median ratio).
     # The median stands for the fleet only where a run holds many tests: of two tests, one
     # that drifts would drag the other the opposite way. Smaller runs keep plain levels.
-    by_run = (relative / speed).groupby([per_test["metric_name"], per_test["test_run_id"]])
+    by_run = (relative / speed).groupby([metric, run])
     run_speed = by_run.transform("median").where(by_run.transform("count") >= MIN_RUN_TESTS)
     node_level = relative / run_level.where(run_level > 0).fillna(1.0)
     frames = [
@@ -86,6 +90,13 @@ def build_series(points: pd.DataFrame) -> pd.DataFrame:
                                                       level=lambda f: f["value"]),
     ]
     return pd.concat(frames, ignore_index=True)
+
+
+def _codes(names: pd.Series) -> pd.Series:
+    """Each name's integer code (NaN where the name is missing, so grouping drops it as it
+    drops a missing name)."""
+    codes = pd.factorize(names)[0]
+    return pd.Series(np.where(codes < 0, np.nan, codes), index=names.index)
 
 
 def _load_factor(per_test: pd.DataFrame, node_level: pd.Series, points: pd.DataFrame) -> pd.Series:
@@ -127,15 +138,22 @@ def _load_factor(per_test: pd.DataFrame, node_level: pd.Series, points: pd.DataF
     return factor
 
 
-def points_per_day(timestamps: pd.Series) -> int:
+def points_per_day(timestamps: pd.Series | np.ndarray) -> int:
     """How many samples a day a regularly sampled series has (0 if it cannot tell)."""
-    spacing = timestamps.diff().median()
-    if pd.isna(spacing) or spacing <= pd.Timedelta(0):
+    # pandas' Series.diff().median() in NumPy (NaT skipped, the median truncated to the
+    # timestamps' unit): called once or twice per series, pandas' overhead was most of it.
+    spacings = np.diff(np.asarray(timestamps))
+    spacings = spacings[~np.isnat(spacings)]
+    if not len(spacings):
         return 0
-    return int(round(pd.Timedelta(days=1) / spacing))
+    spacing = np.trunc(np.median(spacings.astype(np.int64).astype(float)))
+    if spacing <= 0:
+        return 0
+    unit = np.datetime_data(spacings.dtype)[0]
+    return int(round(float(np.timedelta64(1, "D") / np.timedelta64(1, unit)) / spacing))
 
 
-def node_cycle(timestamps: pd.Series) -> int | None:
+def node_cycle(timestamps: pd.Series | np.ndarray) -> int | None:
     """The cycle, in points, to remove from a node's samples: the week if the series holds
     three of them, else the day, else none."""
     per_day = points_per_day(timestamps)
@@ -194,27 +212,45 @@ def series_change_points(series: pd.DataFrame, *,
     Per-test metrics are also judged as one series of their run levels (`run_series`)."""
     rows = []
     keys = ["scope", "metric_name", "test_name", "node_id"]
-    series = pd.concat([series.assign(judged=_judged(series)), run_series(series)], ignore_index=True)
-    for (scope, metric, test, node), frame in series.groupby(keys, dropna=False, sort=True):
-        frame = frame.sort_values("timestamp", kind="stable")
-        sampled = frame["metric_scope"].iloc[0] == "node" and scope == "node"
-        if "run_shape" in frame and frame["run_shape"].iloc[0] == True:  # noqa: E712 (NaN elsewhere)
-            sampled = True  # a point per run: regular, and the fleet's load cycles are in it
+    needed = [*keys, "timestamp", "judged", "direction", "metric_scope", "run_shape", "test_run_id",
+              "ci_job_id", "commit_sha"]
+    series = pd.concat([frame[[c for c in needed if c in frame]]
+                        for frame in (series.assign(judged=_judged(series)), run_series(series))],
+                       ignore_index=True)
+    # One sort into (series, time) order and slices of plain arrays: a pandas group, sort
+    # and column lookup per series cost more than most series' detection.
+    group = series.groupby(keys, dropna=False, sort=True).ngroup().to_numpy()
+    order = np.lexsort((series["timestamp"].to_numpy(), group))
+    starts = np.r_[0, np.flatnonzero(np.diff(group[order])) + 1]
+    ends = np.r_[starts[1:], len(order)]
+    judged = series["judged"].to_numpy(dtype=float)[order]
+    stamps = series["timestamp"].to_numpy()[order]
+    first_rows = series.iloc[order[starts]]
+    run_shaped = (first_rows["run_shape"] == True).to_numpy() if "run_shape" in series \
+        else np.zeros(len(starts), dtype=bool)  # noqa: E712 (NaN elsewhere)
+    for (start, end, scope, metric, test, node, metric_scope, direction, run_shape) in zip(
+            starts.tolist(), ends.tolist(), first_rows["scope"], first_rows["metric_name"],
+            first_rows["test_name"], first_rows["node_id"], first_rows["metric_scope"],
+            first_rows["direction"], run_shaped.tolist()):
+        # a point per run is regular, and the fleet's load cycles are in it
+        sampled = (metric_scope == "node" and scope == "node") or run_shape
         period, series_settings = None, settings
         if sampled:
-            period = node_cycle(frame["timestamp"])
+            timestamps = stamps[start:end]
+            period = node_cycle(timestamps)
             # A node state that reverts within hours is an excursion, not a lasting change:
             # node samples need a day on either side of a boundary.
-            per_day = points_per_day(frame["timestamp"])
+            per_day = points_per_day(timestamps)
             series_settings = replace(settings, min_size=max(settings.min_size, per_day))
-        changes = detect_change_points(frame["judged"].to_numpy(), direction=frame["direction"].iloc[0],
+        changes = detect_change_points(judged[start:end], direction=direction,
                                        period=period, settings=series_settings)
         floor = MIN_SHARE_OF_ALERT_THRESHOLD * get_metric(metric).alert_threshold_percent
         for change in changes:
             if change.magnitude_percent is not None and abs(change.magnitude_percent) < floor:
                 continue
-            at = frame.iloc[change.index]
-            end = frame.iloc[change.end_index]["timestamp"] if change.end_index is not None else None
+            at = series.iloc[order[start + change.index]]
+            end_at = series.iloc[order[start + change.end_index]]["timestamp"] \
+                if change.end_index is not None else None
             rows.append({
                 "scope": scope, "metric_name": metric,
                 "test_name": None if pd.isna(test) else test, "node_id": None if pd.isna(node) else node,
@@ -223,7 +259,7 @@ def series_change_points(series: pd.DataFrame, *,
                 "before": change.before, "after": change.after,
                 "magnitude_percent": change.magnitude_percent, "p_value": change.p_value,
                 "effect_size": change.effect_size, "kind": change.kind, "shape": change.shape,
-                "end_timestamp": end, "n_points": len(frame)})
+                "end_timestamp": end_at, "n_points": end - start})
     return pd.DataFrame(rows, columns=CHANGE_COLUMNS)
 
 
@@ -237,11 +273,11 @@ def _boundary_costs(members: pd.DataFrame, series: pd.DataFrame, reach: int
                     ) -> tuple[pd.DataFrame, pd.Series, float]:
     """(the member series' points, the joint cost of each candidate boundary, the noise's
     mean absolute deviation at the best boundary)."""
-    frames = []
-    for _, change in members.iterrows():
-        frame = series[(series["scope"] == "test") & (series["metric_name"] == change["metric_name"])
-                       & (series["test_name"] == change["test_name"])].sort_values("timestamp")
-        frames.append(frame)
+    tests = series[series["scope"] == "test"]
+    positions = tests.groupby(["metric_name", "test_name"], sort=False).indices
+    empty = np.array([], dtype=int)
+    frames = [tests.iloc[positions.get((metric, test), empty)].sort_values("timestamp")
+              for metric, test in zip(members["metric_name"], members["test_name"])]
     times = sorted(set().union(*[set(f["timestamp"]) for f in frames]))
     first = members["timestamp"].min() - pd.Timedelta(hours=reach)
     last = members["timestamp"].max() + pd.Timedelta(hours=reach)
@@ -288,6 +324,15 @@ def plausible_start(members: pd.DataFrame, series: pd.DataFrame, *, reach: int =
     return plausible.min(), plausible.max()
 
 
+def rows_of_series(series: pd.DataFrame, changes: pd.DataFrame) -> pd.DataFrame:
+    """The rows of `series` that belong to the series of `changes` (by scope, metric, test
+    and node; a missing test or node matches a missing one), in their order."""
+    keys = ["scope", "metric_name", "test_name", "node_id"]
+    candidates = series[series["metric_name"].isin(changes["metric_name"].unique())]
+    wanted = set(changes[keys].fillna("").itertuples(index=False, name=None))
+    return candidates[[key in wanted for key in candidates[keys].fillna("").itertuples(index=False, name=None)]]
+
+
 def changes_in_effect(changes: pd.DataFrame,
                       threshold_percent: Callable[[str], float] | None = None) -> pd.DataFrame:
     """The regressions no later change of the same series has undone: each series' latest
@@ -314,11 +359,13 @@ def group_incidents(changes: pd.DataFrame, series: pd.DataFrame | None = None, *
     changes = changes.copy()
     changes["incident_id"] = pd.Series(dtype=object)
     incidents = []
+    # the per-test rows once, not a scan of every row per incident (common_run uses no others)
+    tests = series[series["scope"] == "test"] if series is not None else None
 
     def add(members: pd.DataFrame, attribution: str) -> None:
         first = members.sort_values("timestamp").iloc[0].copy()
-        if attribution == "code_change" and series is not None:
-            start = common_run(members, series)
+        if attribution == "code_change" and tests is not None:
+            start = common_run(members, tests)
             first["timestamp"], first["first_test_run_id"] = start["timestamp"], start["test_run_id"]
             first["first_commit"] = start["commit_sha"]
         magnitudes = members["magnitude_percent"].dropna()

@@ -11,7 +11,12 @@ from perf_pipeline.analysis import correlations
 from perf_pipeline.analysis.anomalies import fleet_anomalies, node_day_features, node_health_outliers
 from perf_pipeline.analysis.causes import suspected_causes
 from perf_pipeline.analysis.change_points import DEFAULT_SETTINGS, DetectorSettings
-from perf_pipeline.analysis.regressions import build_series, group_incidents, series_change_points
+from perf_pipeline.analysis.regressions import (
+    build_series,
+    group_incidents,
+    rows_of_series,
+    series_change_points,
+)
 from perf_pipeline.analysis.seasonality import seasonal_profiles as decompose_profiles
 from perf_pipeline.analysis.trends import compute_trend_stats
 from perf_pipeline.config import TrendSettings
@@ -159,10 +164,13 @@ def change_points(context: dg.AssetExecutionContext, config: ChangePointConfig,
         top = wh.top_incidents(limit=15)
         known_anomalies = wh.table("anomalies")
     regressions = changes[changes["kind"] == "regression"]
+    # the plots draw regressions' series only: handing them just those rows spares them
+    # searching every row of the window for each one
+    drawn = rows_of_series(series, regressions)
     plot = {**plot_metadata(context, "plot_change_points",
-                            lambda: plots.change_point_markdown(series, changes, known_anomalies)),
+                            lambda: plots.change_point_markdown(drawn, changes, known_anomalies)),
             **plot_metadata(context, "plot_regressions",
-                            lambda: plots.regression_markdown(series, changes))}
+                            lambda: plots.regression_markdown(drawn, changes))}
     return dg.MaterializeResult(metadata={
         "series": dg.MetadataValue.int(int(series.groupby(
             ["scope", "metric_name", "test_name", "node_id"], dropna=False).ngroups)),

@@ -5,7 +5,7 @@ import numpy as np
 import pandas as pd
 
 from perf_pipeline.analysis.change_points import HIGHER_IS_BETTER, detect_change_points
-from perf_pipeline.analysis.regressions import build_series, group_incidents, series_change_points
+from perf_pipeline.analysis.regressions import build_series, group_incidents, points_per_day, series_change_points
 from perf_pipeline.ingest.simulator import LOAD_SENSITIVITY, _ar1, _load_shape
 
 START = pd.Timestamp("2026-10-01")
@@ -105,3 +105,28 @@ def test_mostly_zero_counts_raise_nothing_and_a_sustained_pass_rate_drop_is_foun
     retries[250:] = rng.poisson(0.4, 110)
     (rise,) = detect_change_points(retries)
     assert abs(rise.index - 250) <= 5 and rise.kind == "regression"
+
+
+def test_points_per_day_reads_the_median_spacing_as_pandas_does():
+    """NumPy arithmetic for speed, pandas' answer: NaT skipped, any timestamp unit, the
+    median spacing truncated to the unit, irregular gaps outvoted by the usual one."""
+    hourly = pd.Series(pd.date_range("2026-10-01", periods=48, freq="h"))
+    assert points_per_day(hourly) == 24
+    assert points_per_day(hourly.astype("datetime64[s]")) == 24
+    assert points_per_day(hourly.to_numpy()) == 24
+    gappy = hourly.drop(index=[5, 6, 7, 30]).reset_index(drop=True)
+    gappy[3] = pd.NaT
+    expected = int(round(pd.Timedelta(days=1) / gappy.diff().median()))
+    assert points_per_day(gappy) == expected == 24
+    assert points_per_day(hourly[:1]) == 0
+    assert points_per_day(pd.Series([START, START, START])) == 0
+
+
+def test_series_are_judged_in_time_order_whatever_the_row_order():
+    """series_change_points sorts rows into series and time order itself: shuffled rows
+    give the same change points, at the same first runs."""
+    series = build_series(_fleet(3, slowdown_at=200))
+    found = series_change_points(series)
+    shuffled = series.sample(frac=1.0, random_state=0)
+    assert len(found) > 0
+    pd.testing.assert_frame_equal(series_change_points(shuffled), found)

@@ -56,8 +56,9 @@ _TEXT_FIELDS = ("metric_name", "test_name", "test_type", "node_id", "node_type",
                 "ci_job_id", "unit")
 # Each record is parsed once, into a struct of its fields' JSON texts; the type of a field is
 # read from its text's first character and a string's value is its text unquoted (a text
-# with an escape is decoded by the JSON parser). Parsing each line once is what makes loading
-# run near DuckDB's own read_json (see docs/architecture.md).
+# with an escape is decoded by the JSON parser). Parsing each line once instead of six times
+# took loading from 0.05 to 0.17 of the speed of DuckDB's own read_json into a table (see
+# docs/architecture.md); the rest is validating every field and keeping each row's lineage.
 _RECORD_STRUCT = "{" + ", ".join(f'"{name}": "JSON"' for name in _FIELDS) + "}"
 
 

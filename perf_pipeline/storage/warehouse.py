@@ -294,8 +294,8 @@ INSERT INTO staging_input
 SELECT source_file, source_line, raw_line, pre_reason, CAST(? AS DATE) FROM staged_frame
 """
 # JSON Lines files read whole by DuckDB, then split into numbered lines the way
-# formats.parse_jsonl numbers them: from 1, blank lines skipped but counted, a trailing
-# carriage return dropped, a byte order mark before the first line ignored.
+# formats.parse_jsonl numbers them: from 1, blank lines skipped but counted, trailing
+# carriage returns dropped, byte order marks before the first line ignored.
 _READ_TEXTS_SQL = """
 CREATE OR REPLACE TEMP TABLE staging_texts AS
 WITH wanted AS (
@@ -310,7 +310,7 @@ INSERT INTO staging_input
 SELECT name, number,
     CASE WHEN number = 1 THEN ltrim(text, chr(65279)) ELSE text END, NULL, day
 FROM (
-    SELECT name, day, number, CASE WHEN ends_with(line, chr(13)) THEN line[:-2] ELSE line END AS text
+    SELECT name, day, number, CASE WHEN ends_with(line, chr(13)) THEN rtrim(line, chr(13)) ELSE line END AS text
     FROM (SELECT name, day, unnest(lines) AS line, generate_subscripts(lines, 1) AS number
           FROM staging_texts)
     -- most lines start with '{': only the others are searched for anything but white space

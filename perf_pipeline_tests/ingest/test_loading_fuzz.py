@@ -1,0 +1,64 @@
+"""Property test of loading: DuckDB's own reading of JSON Lines files and the format parser
+stage exactly the same records, whatever the bytes (line endings, blank lines, byte order
+marks, odd Unicode, broken JSON, wrong types, bytes that are not UTF-8), and every record
+read is loaded or quarantined."""
+
+import json
+from datetime import date
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from perf_pipeline.ingest.landing import load_landing_days, read_landing_day
+from perf_pipeline.storage.warehouse import Warehouse, connect
+
+DAY = date(2026, 11, 1)
+TEXT = st.text(alphabet=st.characters(codec="utf-8", exclude_categories=("Cs",)), max_size=12)
+VALUE = st.one_of(st.none(), st.booleans(), st.integers(-10**20, 10**20),
+                  st.floats(allow_nan=False, allow_infinity=False), TEXT,
+                  st.lists(st.integers(), max_size=2), st.dictionaries(TEXT, TEXT, max_size=2))
+ROW = st.fixed_dictionaries(
+    {"timestamp": st.sampled_from(["2026-11-01T10:00:00Z", "2026-11-01T23:59:59+00:00",
+                                   "2026-11-02T00:00:00Z", "1793534400", "not a time"]),
+     "metric_name": st.sampled_from(["test_execution_time", "cpu_usage", "test_duration_ms",
+                                     "flux", ""]),
+     "metric_value": st.one_of(st.floats(-10, 1e6, allow_nan=False), st.sampled_from(["3.5", "x"])),
+     "node_id": st.one_of(TEXT, st.just("node-01"))},
+    optional={"test_name": st.one_of(TEXT, VALUE), "unit": st.sampled_from(["s", "ms", "bytes", "%"]),
+              "context_data": VALUE, "test_run_id": TEXT, "_rejected": TEXT})
+LINE = st.one_of(
+    ROW.map(lambda row: json.dumps(row, ensure_ascii=False)),
+    ROW.map(lambda row: json.dumps(row)),  # escaped
+    TEXT, st.sampled_from(["", " ", "\t \x0b\x0c", "{", "[1, 2]", "null", "42", '"s"', "{}"]))
+ENDING = st.sampled_from(["\n", "\r\n", "\r\r\n", "\n\n"])
+
+
+def _stored(warehouse: Warehouse) -> tuple:
+    return tuple(warehouse.con.execute(sql).fetchall() for sql in (
+        "SELECT * EXCLUDE (id) FROM performance_metrics ORDER BY source_file, source_line",
+        "SELECT * EXCLUDE (quarantined_at) FROM quarantined_metrics ORDER BY source_file, source_line",
+        "SELECT * EXCLUDE (loaded_at) FROM ingested_files ORDER BY path"))
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(lines=st.lists(st.tuples(LINE, ENDING), min_size=1, max_size=12), bom=st.booleans(),
+       undecodable=st.sampled_from([False] * 9 + [True]))
+def test_duckdb_and_the_parser_stage_the_same_records(tmp_path_factory, lines, bom, undecodable):
+    landing = tmp_path_factory.mktemp("landing")
+    folder = landing / DAY.isoformat()
+    folder.mkdir()
+    data = ("\ufeff" * bom + "".join(line + ending for line, ending in lines)).encode("utf-8")
+    if undecodable:
+        data += b'{"node_id": "\xff"}\n'
+    (folder / "fuzz.jsonl").write_bytes(data)
+    expected_records = sum(1 for raw in data.split(b"\n") if raw.rstrip(b"\r").strip())
+
+    by_duckdb = Warehouse.for_writing(connect())
+    counts = load_landing_days(by_duckdb, landing, [DAY])[DAY]
+    by_parser = Warehouse.for_writing(connect())
+    staged, files = read_landing_day(landing, DAY)
+    expected = by_parser.replace_raw_day(DAY, staged, files)
+
+    assert counts == expected
+    assert counts.rows_read == expected_records == counts.rows_loaded + counts.rows_quarantined
+    assert _stored(by_duckdb) == _stored(by_parser)

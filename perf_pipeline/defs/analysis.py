@@ -1,6 +1,7 @@
 """Analysis over the rolling window: trend_stats, change_points, seasonal_profiles,
 anomalies, metric_correlations and regression_causes."""
 
+import re
 from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
 
@@ -12,6 +13,8 @@ from perf_pipeline.analysis.anomalies import fleet_anomalies, node_day_features,
 from perf_pipeline.analysis.causes import suspected_causes
 from perf_pipeline.analysis.change_points import DEFAULT_SETTINGS, DetectorSettings
 from perf_pipeline.analysis.regressions import (
+    CHANGE_COLUMNS,
+    LOAD_METRIC,
     build_series,
     group_incidents,
     rows_of_series,
@@ -58,6 +61,10 @@ class ChangePointConfig(WindowConfig):
     penalty_factor: float = DEFAULT_SETTINGS.penalty_factor
     alpha: float = DEFAULT_SETTINGS.alpha
     min_effect: float = DEFAULT_SETTINGS.min_effect
+    # Metrics are detected in steps of at least this many points (1: a step per metric). A
+    # step costs a worker process start (seconds) on the multiprocess executor, so a small
+    # fleet is one step; lower it to spread a large fleet over more workers.
+    points_per_step: int = 250_000
 
 
 def utc_now() -> datetime:
@@ -143,22 +150,75 @@ def trend_stats(context: dg.AssetExecutionContext, config: TrendConfig,
     })
 
 
-@dg.asset(
-    deps=["normalized_timeseries"],
-    pool="duckdb",
-    group_name="analysis",
-    kinds={"duckdb"},
-    description="Confirmed level shifts and ramps of every series in the window, with the first "
-                "run, job and commit after each, grouped into incidents (change_incidents).",
-)
-def change_points(context: dg.AssetExecutionContext, config: ChangePointConfig,
-                  warehouse: WarehouseResource) -> dg.MaterializeResult:
-    settings = DetectorSettings(penalty_factor=config.penalty_factor, alpha=config.alpha,
-                                min_effect=config.min_effect)
+# change_points is a graph, split by metric so that an executor can spread the detection
+# over workers: one step reads the window and hands the points on by metric (through the IO
+# manager), a step per group of metrics (`points_per_step`) detects their series' changes
+# without touching DuckDB, and one step groups the changes into incidents across metrics
+# and stores them.
+
+
+def _detector_settings(config: ChangePointConfig) -> DetectorSettings:
+    return DetectorSettings(penalty_factor=config.penalty_factor, alpha=config.alpha,
+                            min_effect=config.min_effect)
+
+
+def _mapping_key(metric_name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_]", "_", metric_name)
+
+
+def metric_steps(points: pd.DataFrame, points_per_step: int) -> list[list[str]]:
+    """The window's metrics in steps of at least `points_per_step` points (the last step
+    may hold fewer), in name order."""
+    steps: list[list[str]] = [[]]
+    size = 0
+    for metric, count in points["metric_name"].value_counts().sort_index().items():
+        if size >= points_per_step:
+            steps.append([])
+            size = 0
+        steps[-1].append(metric)
+        size += int(count)
+    return [step for step in steps if step]
+
+
+@dg.op(ins={"after": dg.In(dg.Nothing)}, out=dg.DynamicOut(), pool="duckdb",
+       description="The window's points, a part per step of metrics (each with the node load "
+                   "metric, which per-test series are judged net of).")
+def change_point_window(context: dg.OpExecutionContext, config: ChangePointConfig,
+                        warehouse: WarehouseResource):
+    if config.points_per_step < 1:
+        raise dg.Failure("change_points config: points_per_step must be >= 1")
+    with warehouse.open() as wh:
+        window_start, window_end = analysis_window(context, config, wh)
+        points = wh.window_points(window_start, window_end)
+    load = points[points["metric_name"] == LOAD_METRIC]
+    for metrics in metric_steps(points, config.points_per_step):
+        part = points[points["metric_name"].isin(metrics)]
+        if LOAD_METRIC not in metrics:
+            part = pd.concat([part, load], ignore_index=True)
+        key = metrics[0] if len(metrics) == 1 else f"{metrics[0]}_and_{len(metrics) - 1}_more"
+        yield dg.DynamicOutput((metrics, part), mapping_key=_mapping_key(key))
+
+
+@dg.op(description="Confirmed changes of some metrics' series (no DuckDB: any worker can run it).")
+def detect_metric_changes(config: ChangePointConfig, metric_points: tuple) -> pd.DataFrame:
+    metrics, points = metric_points
+    series = build_series(points)
+    return series_change_points(series[series["metric_name"].isin(metrics)],
+                                settings=_detector_settings(config))
+
+
+@dg.op(pool="duckdb", description="Incidents across metrics; both tables replaced at once.")
+def store_change_points(context: dg.OpExecutionContext, config: ChangePointConfig,
+                        warehouse: WarehouseResource, found: list) -> None:
     computed_at = utc_now()
     with warehouse.open() as wh:
         window_start, window_end, series = _window_series(context, config, wh)
-        changes, incidents = group_incidents(series_change_points(series, settings=settings), series)
+        # per-metric results in the order detection over all series at once gives them
+        found = pd.concat([frame for frame in found if len(frame)] or [pd.DataFrame(columns=CHANGE_COLUMNS)],
+                          ignore_index=True)
+        found = found.sort_values(["scope", "metric_name", "test_name", "node_id"],
+                                  na_position="last", kind="stable", ignore_index=True)
+        changes, incidents = group_incidents(found, series)
         wh.replace_table("change_points", changes.assign(computed_at=computed_at))
         wh.replace_table("change_incidents", incidents.assign(computed_at=computed_at))
         top = wh.top_incidents(limit=15)
@@ -171,7 +231,7 @@ def change_points(context: dg.AssetExecutionContext, config: ChangePointConfig,
                             lambda: plots.change_point_markdown(drawn, changes, known_anomalies)),
             **plot_metadata(context, "plot_regressions",
                             lambda: plots.regression_markdown(drawn, changes))}
-    return dg.MaterializeResult(metadata={
+    context.add_output_metadata({
         "series": dg.MetadataValue.int(int(series.groupby(
             ["scope", "metric_name", "test_name", "node_id"], dropna=False).ngroups)),
         "change_points": dg.MetadataValue.int(len(changes)),
@@ -180,6 +240,28 @@ def change_points(context: dg.AssetExecutionContext, config: ChangePointConfig,
         "top_incidents": dg.MetadataValue.md(incident_table(top) if len(top) else "no change point"),
         **plot,
     })
+
+
+def _change_point_op_config(config: dict) -> dict:
+    """The asset's one config (ChangePointConfig, checked by each step), given to each step."""
+    values = {"config": dict(config or {})}
+    return {"change_point_window": values, "detect_metric_changes": values,
+            "store_change_points": values}
+
+
+@dg.graph_asset(
+    ins={"after": dg.AssetIn("normalized_timeseries", dagster_type=dg.Nothing)},
+    config=dg.ConfigMapping(config_fn=_change_point_op_config,
+                            config_schema=ChangePointConfig.to_config_schema()),
+    group_name="analysis",
+    kinds={"duckdb"},
+    description="Confirmed level shifts and ramps of every series in the window, with the first "
+                "run, job and commit after each, grouped into incidents (change_incidents). "
+                "Detection runs as one step per metric.",
+)
+def change_points(after):
+    found = change_point_window(after).map(detect_metric_changes)
+    return store_change_points(found.collect())
 
 
 @dg.asset(

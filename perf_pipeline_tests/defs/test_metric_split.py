@@ -20,13 +20,13 @@ from perf_pipeline.storage.warehouse import open_warehouse
 from perf_pipeline_tests.conftest import materialized_fleet
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-TABLES = ("change_points", "change_incidents")
+STORED = ("SELECT * EXCLUDE (computed_at) FROM change_points ORDER BY ALL",
+          "SELECT * EXCLUDE (computed_at) FROM change_incidents ORDER BY ALL")
 
 
 def _stored(database) -> list:
     with open_warehouse(database, read_only=True) as wh:
-        return [wh.con.execute(f"SELECT * EXCLUDE (computed_at) FROM {table} ORDER BY ALL").fetchall()
-                for table in TABLES]
+        return [wh.con.execute(sql).fetchall() for sql in STORED]
 
 
 @pytest.mark.slow

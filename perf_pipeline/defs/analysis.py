@@ -2,8 +2,10 @@
 anomalies, metric_correlations and regression_causes."""
 
 import re
+import shutil
 from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 
 import dagster as dg
 import pandas as pd
@@ -223,6 +225,7 @@ def store_change_points(context: dg.OpExecutionContext, config: ChangePointConfi
         wh.replace_table("change_incidents", incidents.assign(computed_at=computed_at))
         top = wh.top_incidents(limit=15)
         known_anomalies = wh.table("anomalies")
+    _forget_parts(context)
     regressions = changes[changes["kind"] == "regression"]
     # the plots draw regressions' series only: handing them just those rows spares them
     # searching every row of the window for each one
@@ -240,6 +243,17 @@ def store_change_points(context: dg.OpExecutionContext, config: ChangePointConfi
         "top_incidents": dg.MetadataValue.md(incident_table(top) if len(top) else "no change point"),
         **plot,
     })
+
+
+def _forget_parts(context: dg.OpExecutionContext) -> None:
+    """Delete the parts change_point_window handed on, once every part is detected, where
+    the default filesystem IO manager keeps them (the run's folder in the instance's
+    storage): kept, they would grow it by the window's points every run. Other IO managers
+    keep them elsewhere (an object store's own lifecycle rules apply there)."""
+    graph, _, _ = context.get_step_execution_context().step.key.rpartition(".")  # graph.op
+    window_step = f"{graph}.change_point_window" if graph else "change_point_window"
+    shutil.rmtree(Path(context.instance.storage_directory()) / context.run_id / window_step,
+                  ignore_errors=True)
 
 
 def _change_point_op_config(config: dict) -> dict:

@@ -56,6 +56,10 @@ def test_change_points_run_one_step_per_metric_in_worker_processes(tmp_path, mon
         run = instance.get_runs(limit=1)[0]
         assert run.status == dg.DagsterRunStatus.SUCCESS
         events = [r.dagster_event for r in instance.all_logs(run.run_id) if r.dagster_event]
+        run_storage = Path(instance.storage_directory()) / run.run_id
+    # the parts handed to the detection steps are deleted once stored; their results are kept
+    assert not (run_storage / "change_points.change_point_window").exists()
+    assert len(list(run_storage.glob("change_points.detect_metric_changes*"))) == len(metrics)
     started = {event.step_key for event in events
                if event.event_type == dg.DagsterEventType.STEP_START}
     workers = {event.step_key for event in events

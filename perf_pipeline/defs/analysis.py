@@ -198,15 +198,16 @@ def change_point_window(context: dg.OpExecutionContext, config: ChangePointConfi
         if LOAD_METRIC not in metrics:
             part = pd.concat([part, load], ignore_index=True)
         key = metrics[0] if len(metrics) == 1 else f"{metrics[0]}_and_{len(metrics) - 1}_more"
-        yield dg.DynamicOutput((metrics, part), mapping_key=_mapping_key(key))
+        yield dg.DynamicOutput(((window_start, window_end), metrics, part),
+                               mapping_key=_mapping_key(key))
 
 
 @dg.op(description="Confirmed changes of some metrics' series (no DuckDB: any worker can run it).")
-def detect_metric_changes(config: ChangePointConfig, metric_points: tuple) -> pd.DataFrame:
-    metrics, points = metric_points
+def detect_metric_changes(config: ChangePointConfig, metric_points: tuple) -> tuple:
+    window, metrics, points = metric_points
     series = build_series(points)
-    return series_change_points(series[series["metric_name"].isin(metrics)],
-                                settings=_detector_settings(config))
+    return window, series_change_points(series[series["metric_name"].isin(metrics)],
+                                        settings=_detector_settings(config))
 
 
 @dg.op(pool="duckdb", description="Incidents across metrics; both tables replaced at once.")
@@ -214,10 +215,12 @@ def store_change_points(context: dg.OpExecutionContext, config: ChangePointConfi
                         warehouse: WarehouseResource, found: list) -> None:
     computed_at = utc_now()
     with warehouse.open() as wh:
-        window_start, window_end, series = _window_series(context, config, wh)
+        # the window the parts were cut from, though a run may have loaded data since
+        window_start, window_end = found[0][0] if found else analysis_window(context, config, wh)
+        series = build_series(wh.window_points(window_start, window_end))
         # per-metric results in the order detection over all series at once gives them
-        found = pd.concat([frame for frame in found if len(frame)] or [pd.DataFrame(columns=CHANGE_COLUMNS)],
-                          ignore_index=True)
+        found = pd.concat([frame for _, frame in found if len(frame)]
+                          or [pd.DataFrame(columns=CHANGE_COLUMNS)], ignore_index=True)
         found = found.sort_values(["scope", "metric_name", "test_name", "node_id"],
                                   na_position="last", kind="stable", ignore_index=True)
         changes, incidents = group_incidents(found, series)

@@ -10,15 +10,27 @@ from dagster_duckdb import DuckDBResource
 from pydantic import Field
 
 from perf_pipeline.config import MONITORING_FILE, ConfigError, MonitoringSettings, Paths, load_monitoring, paths_from_env
-from perf_pipeline.storage.warehouse import Warehouse
+from perf_pipeline.storage.warehouse import Warehouse, writer_lock
+
+# Debug lines around each write session, which the event log keeps with their times.
+WRITER_LOCK_HELD = "holding the writer lock of"
+WRITER_LOCK_RELEASED = "released the writer lock of"
 
 
 class WarehouseResource(DuckDBResource):
-    """DuckDB through dagster-duckdb (which retries while another process holds the lock),
-    opened as a migrated perf_pipeline warehouse. Assets that write use the `duckdb` pool,
-    which dagster.yaml limits to one at a time: DuckDB allows a single writing process."""
+    """DuckDB through dagster-duckdb, opened as a migrated perf_pipeline warehouse.
+
+    DuckDB allows a single writing process. Assets that write use the `duckdb` pool, which
+    dagster.yaml limits to one step at a time, so waiting steps do not hold a worker. The pool
+    is not enough on its own: Dagster's slot claim is not atomic (SQLite or Postgres), and two
+    runs that start together can both get the slot. So every writer also holds the
+    database's writer lock, and a step that finds it taken waits for it and says so."""
 
     landing_dir: str = Field(description="Root of the landing archive (landing/<YYYY-MM-DD>/).")
+    lock_timeout_seconds: float = Field(
+        default=6 * 3600.0,
+        description="How long a step waits for another process to finish writing the "
+                    "database before it fails (negative: without limit).")
 
     @property
     def landing(self) -> Path:
@@ -26,14 +38,25 @@ class WarehouseResource(DuckDBResource):
 
     @contextmanager
     def open(self) -> Iterator[Warehouse]:
-        Path(self.database).parent.mkdir(parents=True, exist_ok=True)
-        with self.get_connection() as con:
-            # dagster-duckdb closes the connection only when the body succeeds; close it
-            # here too, or a failed asset leaves the file open for the rest of the process.
+        log = dg.get_dagster_logger()
+
+        def waiting() -> None:
+            log.info(f"another process is writing {self.database}; waiting for it to finish")
+
+        with writer_lock(self.database, timeout=self.lock_timeout_seconds, on_wait=waiting) as waited:
+            if waited >= 1:
+                log.info(f"waited {waited:.1f} s for the database's writer lock")
+            log.debug(f"{WRITER_LOCK_HELD} {self.database}")
             try:
-                yield Warehouse.for_writing(con)
+                with self.get_connection() as con:
+                    # dagster-duckdb closes the connection only when the body succeeds; close
+                    # it here too, or a failed asset leaves the file open for the process.
+                    try:
+                        yield Warehouse.for_writing(con)
+                    finally:
+                        con.close()
             finally:
-                con.close()
+                log.debug(f"{WRITER_LOCK_RELEASED} {self.database}")
 
 
 def warehouse_resource(paths: Paths | None = None) -> WarehouseResource:

@@ -1,7 +1,9 @@
 """The warehouse: every SQL statement perf_pipeline runs against DuckDB.
 
 Writers open the file through `open_warehouse(path)`, which applies migrations and refreshes
-the metric catalog tables; readers pass `read_only=True`. Each write of a partition is
+the metric catalog tables; readers pass `read_only=True`. Every writer first holds
+`writer_lock(path)`, a lock file beside the database, so that writing processes on a host take
+turns even where a scheduler's own limit lets two start at once. Each write of a partition is
 "delete that day, insert it again" inside one transaction, so re-running a day or a backfill
 never duplicates or loses rows. Values are always bound as parameters; the only SQL text
 built at run time comes from constants in this module.
@@ -9,14 +11,16 @@ built at run time comes from constants in this module.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, replace
 from datetime import date, datetime, timedelta
 from pathlib import Path
 
 import duckdb
 import pandas as pd
+from filelock import FileLock, Timeout
 
 from perf_pipeline import catalog
 from perf_pipeline.storage.schema import migrate
@@ -379,25 +383,64 @@ def connect(database: str = ":memory:", *, read_only: bool = False) -> duckdb.Du
     return con
 
 
+def _locked_message(path: Path) -> str:
+    return (f"the database {path} is in use by another process; DuckDB allows one writer "
+            "at a time, so wait for it to finish and retry")
+
+
+@contextmanager
+def writer_lock(path: str | Path, *, timeout: float = 0.0,
+                on_wait: Callable[[], None] | None = None) -> Iterator[float]:
+    """Hold the database's writer lock (`<database>.writer.lock`) for the body; yields the
+    seconds spent waiting for it. Waits up to `timeout` seconds (negative: without limit),
+    calling `on_wait` once if it has to wait, then raises WarehouseLockedError.
+
+    DuckDB itself lets one process write a file, but a process that finds it taken fails
+    (dagster-duckdb retries for about 100 s); this lock makes writers queue instead. The
+    lock is reentrant within a process, so a writer may open the warehouse again inside."""
+    path = Path(path)
+    if str(path) == ":memory:":
+        yield 0.0
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(f"{path}.writer.lock", is_singleton=True)
+    started = time.monotonic()
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        if timeout == 0:
+            raise WarehouseLockedError(_locked_message(path)) from None
+        if on_wait is not None:
+            on_wait()
+        try:
+            lock.acquire(timeout=timeout)
+        except Timeout:
+            raise WarehouseLockedError(
+                f"{_locked_message(path)} (waited {timeout:.0f} s for its writer lock)") from None
+    try:
+        yield time.monotonic() - started
+    finally:
+        lock.release()
+
+
 @contextmanager
 def open_warehouse(path: str | Path, *, read_only: bool = False) -> Iterator[Warehouse]:
+    """The warehouse at `path`. A writer that finds another process writing raises
+    WarehouseLockedError at once (the Dagster resource waits instead)."""
     path = Path(path)
     if read_only and not path.exists():
         raise FileNotFoundError(f"no perf_pipeline database at {path}; run the pipeline first")
-    if not read_only:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        con = connect(str(path), read_only=read_only)
-    except duckdb.IOException as error:
-        if "lock" in str(error).lower():
-            raise WarehouseLockedError(
-                f"the database {path} is in use by another process; DuckDB allows one writer "
-                "at a time, so wait for it to finish and retry") from error
-        raise
-    try:
-        yield Warehouse(con) if read_only else Warehouse.for_writing(con)
-    finally:
-        con.close()
+    with nullcontext() if read_only else writer_lock(path):
+        try:
+            con = connect(str(path), read_only=read_only)
+        except duckdb.IOException as error:
+            if "lock" in str(error).lower():
+                raise WarehouseLockedError(_locked_message(path)) from error
+            raise
+        try:
+            yield Warehouse(con) if read_only else Warehouse.for_writing(con)
+        finally:
+            con.close()
 
 
 class Warehouse:

@@ -67,3 +67,47 @@ def test_a_writer_in_another_process_gives_a_clear_error(tmp_path):
         holder.wait()
     with open_warehouse(database) as wh:  # free again once the other writer is gone
         assert wh.table_counts(["performance_metrics"]) == {"performance_metrics": 0}
+
+
+HOLD_WRITER = """
+import sys, time
+from perf_pipeline.storage.warehouse import open_warehouse
+with open_warehouse(sys.argv[1]) as wh:
+    print('held', flush=True)
+    time.sleep(float(sys.argv[2]))
+    wh.con.execute("CREATE TABLE held_by_the_first_writer AS SELECT 1 AS x")
+print('released', flush=True)
+"""
+
+
+def test_a_writer_that_finds_the_lock_taken_fails_at_once_or_waits_its_turn(tmp_path):
+    """open_warehouse fails fast on another process's writer lock; the Dagster resource
+    waits for it, then writes after the first writer is done (never beside it)."""
+    from perf_pipeline.defs.resources import WarehouseResource
+
+    database = tmp_path / "perf.duckdb"
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_WRITER, str(database), "3"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(WarehouseLockedError, match="in use by another process"):
+            with open_warehouse(database):
+                pass
+        resource = WarehouseResource(database=str(database), landing_dir=str(tmp_path))
+        with resource.open() as wh:  # waits for the holder's lock rather than failing
+            assert wh.con.execute("SELECT x FROM held_by_the_first_writer").fetchall() == [(1,)]
+        assert holder.wait(timeout=30) == 0
+        assert holder.stdout.read().strip() == "released"
+
+        # A bounded wait ends with the same clear error.
+        holder = subprocess.Popen([sys.executable, "-c", HOLD_WRITER, str(database), "30"],
+                                  stdout=subprocess.PIPE, text=True)
+        assert holder.stdout.readline().strip() == "held"
+        impatient = WarehouseResource(database=str(database), landing_dir=str(tmp_path),
+                                      lock_timeout_seconds=0.5)
+        with pytest.raises(WarehouseLockedError, match=r"waited \d+ s for its writer lock"):
+            with impatient.open():
+                pass
+    finally:
+        holder.kill()
+        holder.wait()

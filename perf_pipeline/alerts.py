@@ -20,8 +20,9 @@ invalid is never raised again for the same finding.
 Muted tests, nodes and metrics (perf_pipeline.yaml) produce no alert while the mute lasts.
 
 Delivery (`deliver_outbox`, run by a sensor) sends each new alert once to each channel and
-stores the outcome in `alert_deliveries` before the next send, so a tick that dies loses at
-most the record of the one message in flight; failures are retried with backoff.
+stores the outcome in `alert_deliveries` before the next send; failures are retried with
+backoff. A tick that dies mid-delivery loses nothing: the one message in flight is sent again,
+marked as a possible repeat (see `deliver_outbox`).
 """
 
 from __future__ import annotations
@@ -327,13 +328,24 @@ def deliver_outbox(wh, channels, *, now: datetime, asset_url: str | None = None,
     A pair is due when its alert is `new` and the channel has not had it, or when its last
     attempt failed and the backoff has passed. A failure the receiver will not get over (a
     revoked webhook, a rejected address) or the last of `max_attempts` gives up.
+
+    Each attempt is recorded as `sending` (committed) before the message leaves, so a tick
+    that dies mid-delivery leaves a trace: alerts it had sent stay sent, alerts it had not
+    reached stay due, and the one in flight is in doubt. That one is sent again, because a
+    lost alert is worse than a repeat, marked as a possible repeat, and under the same email
+    Message-ID, which mail systems use to drop the second copy.
     """
     by_name = {channel.name: channel for channel in channels}
-    counts = {"sent": 0, "failed": 0, "gave_up": 0}
+    counts = {"sent": 0, "failed": 0, "gave_up": 0, "in_doubt": 0}
     for row in wh.due_deliveries(list(by_name), now).to_dict("records"):
         attempts = int(row["attempts"]) + 1
+        message = alert_message(row, asset_url)
+        if row["previous_state"] == "sending":
+            message["interrupted_at"] = pd.Timestamp(row["last_attempt_at"]).to_pydatetime()
+            counts["in_doubt"] += 1
+        wh.record_delivery(row["alert_id"], row["channel"], state="sending", attempts=attempts, now=now)
         try:
-            by_name[row["channel"]].deliver_alert(alert_message(row, asset_url))
+            by_name[row["channel"]].deliver_alert(message)
         except DeliveryError as error:
             final = not error.retryable or attempts >= max_attempts
             wh.record_delivery(row["alert_id"], row["channel"], state="gave_up" if final else "failed",

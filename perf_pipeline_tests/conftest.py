@@ -13,6 +13,35 @@ from aiosmtpd.controller import Controller
 
 from perf_pipeline.config import Paths, paths_from_env
 
+# What the fault-injection tests tried (inputs fuzzed, processes killed, outages, attacks),
+# per test module, printed at the end of every run: the figures docs/reliability.md cites.
+_FAULT_TALLY: dict[str, dict[str, int]] = {}
+
+
+class FaultTally:
+    """Counts what one fault-injection module tried: `tally.add("inputs fuzzed", 3)`."""
+
+    def __init__(self, module: str):
+        self.counts = _FAULT_TALLY.setdefault(module, {})
+
+    def add(self, what: str, count: int = 1) -> None:
+        self.counts[what] = self.counts.get(what, 0) + count
+
+
+@pytest.fixture
+def fault_tally(request) -> FaultTally:
+    return FaultTally(request.module.__name__.rsplit(".", 1)[-1])
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    tried = {module: counts for module, counts in _FAULT_TALLY.items() if counts}
+    if not tried:
+        return
+    terminalreporter.section("fault injection: what the reliability tests tried")
+    for module, counts in sorted(tried.items()):
+        figures = ", ".join(f"{what} {count:,}" for what, count in sorted(counts.items()))
+        terminalreporter.write_line(f"{module}: {figures}")
+
 
 @pytest.fixture
 def paths(tmp_path, monkeypatch) -> Paths:

@@ -126,9 +126,9 @@ def test_a_receiver_that_fails_for_a_while_gets_the_alert_once_after_it_recovers
     channel = SlackWebhookChannel(f"http://127.0.0.1:{receiver.port}{SECRET_URL_PATH}")
     receiver.reply(503, b"down")
     with open_warehouse(path) as wh:
-        assert deliver_outbox(wh, [channel], now=NOW) == {"sent": 0, "failed": 1, "gave_up": 0}
+        assert deliver_outbox(wh, [channel], now=NOW) == {"sent": 0, "failed": 1, "gave_up": 0, "in_doubt": 0}
         # before the backoff has passed nothing is tried again
-        assert deliver_outbox(wh, [channel], now=NOW + timedelta(seconds=10)) == {"sent": 0, "failed": 0, "gave_up": 0}
+        assert deliver_outbox(wh, [channel], now=NOW + timedelta(seconds=10)) == {"sent": 0, "failed": 0, "gave_up": 0, "in_doubt": 0}
         assert deliver_outbox(wh, [channel], now=NOW + timedelta(seconds=31))["sent"] == 1
         for minutes in (5, 60, 600):
             assert deliver_outbox(wh, [channel], now=NOW + timedelta(minutes=minutes))["sent"] == 0
@@ -148,7 +148,7 @@ def test_acknowledged_alerts_are_not_delivered_and_dead_receivers_are_given_up_o
     receiver.reply(404, b"no_service")
     with open_warehouse(path) as wh:
         alert_id = wh.table("regression_alerts").alert_id.iloc[0]
-        assert deliver_outbox(wh, [gone], now=NOW) == {"sent": 0, "failed": 0, "gave_up": 1}
+        assert deliver_outbox(wh, [gone], now=NOW) == {"sent": 0, "failed": 0, "gave_up": 1, "in_doubt": 0}
         assert deliver_outbox(wh, [gone], now=NOW + timedelta(days=1))["gave_up"] == 0
         wh.set_alert_status(alert_id, "acknowledged", "on it", NOW)
         assert wh.due_deliveries(["another_channel"], NOW).empty

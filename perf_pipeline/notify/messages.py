@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import html
 import math
+import re
 from datetime import datetime
 from email.message import EmailMessage
 from email.utils import formatdate, make_msgid
@@ -126,7 +127,9 @@ def _alert_facts(alert: dict) -> list[tuple[str, str]]:
         ("Started", _timestamp(alert.get("started_at"))),
         ("Status", _text(alert.get("status"))),
         ("Alert", _text(alert.get("alert_id"))),
-    ]
+    ] + ([("Delivery", f"possibly a repeat: sending this alert at "
+                       f"{_timestamp(alert['interrupted_at'])} was interrupted")]
+         if _present(alert.get("interrupted_at")) else [])
 
 
 def _cause(alert: dict) -> tuple[str | None, str | None]:
@@ -323,6 +326,12 @@ def _html_document(title: str, body: str) -> str:
             f"</head><body>{body}</body></html>")
 
 
+def _message_id_domain(sender: str) -> str:
+    """The sender address's domain ("Perf <perf@example.com>" → example.com)."""
+    domain = re.sub(r"[^A-Za-z0-9.-]", "", sender.rpartition("@")[2])
+    return domain or "perf-pipeline"
+
+
 def _email(subject: str, text: str, html_body: str, *, sender: str, recipients: list[str]) -> EmailMessage:
     """multipart/alternative: mail clients show the HTML part, and fall back to the text."""
     if not recipients:
@@ -333,7 +342,7 @@ def _email(subject: str, text: str, html_body: str, *, sender: str, recipients: 
     message["To"] = ", ".join(recipients)
     message["Date"] = formatdate(localtime=True)
     # an explicit domain: make_msgid's default asks DNS for this host's name, which can hang
-    message["Message-ID"] = make_msgid(domain=sender.rpartition("@")[2] or "perf-pipeline")
+    message["Message-ID"] = make_msgid(domain=_message_id_domain(sender))
     message.set_content(text)
     message.add_alternative(_html_document(subject, html_body), subtype="html")
     return message
@@ -356,7 +365,12 @@ def email_message(alert: dict, *, sender: str, recipients: list[str]) -> EmailMe
         parts.append(_html_link(link, "Open in Dagster"))
     message = _email(alert_subject(alert), alert_text(alert), "".join(parts),
                      sender=sender, recipients=recipients)
-    message["X-Perf-Alert-Id"] = _one_line(_text(alert.get("alert_id")), SUBJECT_LIMIT)
+    alert_id = _one_line(_text(alert.get("alert_id")), SUBJECT_LIMIT)
+    message["X-Perf-Alert-Id"] = alert_id
+    if re.fullmatch(r"[0-9a-f]{6,64}", alert_id):
+        # One Message-ID per alert, so that a copy sent again after an interrupted delivery
+        # is recognised as the same message by the mail systems that drop duplicates.
+        message.replace_header("Message-ID", f"<perf-alert-{alert_id}@{_message_id_domain(sender)}>")
     message["X-Perf-Dedup-Key"] = _one_line(_text(alert.get("dedup_key")), SUBJECT_LIMIT)
     return message
 

@@ -1012,12 +1012,15 @@ class Warehouse:
 
     def due_deliveries(self, channels: Sequence[str], now: datetime) -> pd.DataFrame:
         """(alert, channel) pairs to attempt now: new alerts without a delivery row for a
-        channel, and failed deliveries whose backoff has passed."""
+        channel, failed deliveries whose backoff has passed, and deliveries left `sending` by
+        a tick that died during the send (`previous_state`, `last_attempt_at` tell which)."""
         return self.con.execute("""
-            SELECT a.*, c.channel, coalesce(d.attempts, 0) AS attempts
+            SELECT a.*, c.channel, coalesce(d.attempts, 0) AS attempts,
+                   d.state AS previous_state, d.last_attempt_at
             FROM regression_alerts a CROSS JOIN (SELECT unnest(CAST(? AS VARCHAR[])) AS channel) c
             LEFT JOIN alert_deliveries d ON d.alert_id = a.alert_id AND d.channel = c.channel
-            WHERE a.status = 'new' AND (d.state IS NULL OR (d.state = 'failed' AND d.next_attempt_at <= ?))
+            WHERE a.status = 'new' AND (d.state IS NULL OR d.state = 'sending'
+                                        OR (d.state = 'failed' AND d.next_attempt_at <= ?))
             ORDER BY a.created_at, a.alert_id, c.channel
         """, [list(channels), now]).df()
 

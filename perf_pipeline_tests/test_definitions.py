@@ -47,7 +47,7 @@ def test_writers_share_the_duckdb_pool_and_carry_descriptions():
 
 
 def test_every_refresh_of_the_analysis_rebuilds_the_dashboard():
-    for job in ("analysis_job", "daily_refresh_job", "alerting_job", "model_training_job"):
+    for job in ("analysis_job", "daily_refresh_job", "alerting_job", "landing_job", "model_training_job"):
         keys = defs.resolve_job_def(job).asset_layer.executable_asset_keys
         assert dg.AssetKey("performance_dashboard") in keys, job
     assert defs.resolve_assets_def("performance_dashboard").specs_by_key[
@@ -76,7 +76,7 @@ def test_workspace_and_pyproject_point_at_the_same_module():
 def test_the_jobs_schedules_and_sensors_that_run_unattended_exist():
     assert {job.name for job in defs.resolve_all_job_defs()} >= {
         "daily_ingest_job", "analysis_job", "daily_refresh_job", "model_training_job",
-        "alerting_job", "retention_job"}
+        "alerting_job", "landing_job", "retention_job"}
     assert {s.name: s.job_name for s in defs.schedules} == {
         "daily_analysis_schedule": "daily_refresh_job", "retention_schedule": "retention_job",
         "weekly_model_schedule": "model_training_job"}

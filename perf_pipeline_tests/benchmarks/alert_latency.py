@@ -82,18 +82,43 @@ def sample(seed: int, nodes: int, tests: int, timeout: float) -> dict:
             stderr=subprocess.DEVNULL, start_new_session=True)
         time.sleep(45)  # webserver and daemon up, sensors ticking on the loaded history
         arrivals.clear()
-        started = time.monotonic()
+        started, wall_started = time.monotonic(), time.time()
         ingest_files(after, paths.landing, today=end.date())
         while not arrivals and time.monotonic() - started < timeout:
             time.sleep(0.5)
         seconds = arrivals[0] - started if arrivals else None
         return {"figure": "landing_to_slack_seconds", "seed": seed, "value": seconds,
-                "days_landed": len(after), "timed_out": seconds is None}
+                "days_landed": len(after), "timed_out": seconds is None,
+                "runs": _timeline(paths.dagster_home, wall_started)}
     finally:
         if process is not None:
             stop_process_group(process)
         server.shutdown()
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _timeline(dagster_home: Path, since: float) -> list[dict]:
+    """The runs launched after the files landed: job, and seconds from landing to the run's
+    creation, start and end — where the time between a file and its alert goes."""
+    import dagster as dg
+
+    with dg.DagsterInstance.from_config(str(dagster_home)) as instance:
+        deadline = time.monotonic() + 120  # let the runs in flight finish, for their end times
+        while True:
+            records = instance.get_run_records()
+            if time.monotonic() > deadline or all(r.dagster_run.is_finished for r in records):
+                break
+            time.sleep(2)
+    rows = []
+    for record in sorted(records, key=lambda r: r.create_timestamp.timestamp()):
+        created = record.create_timestamp.timestamp()
+        if created < since:
+            continue
+        rows.append({"job": record.dagster_run.job_name,
+                     "created": round(created - since, 1),
+                     "started": round(record.start_time - since, 1) if record.start_time else None,
+                     "ended": round(record.end_time - since, 1) if record.end_time else None})
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:

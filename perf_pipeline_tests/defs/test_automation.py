@@ -58,10 +58,14 @@ def test_the_landing_sensor_asks_once_per_version_of_each_range_of_days(paths, t
     again = _tick(landing_sensor, instance, defs, cursor=first.cursor)
     assert again.run_requests == [] and "no new or changed" in again.skip_message
 
-    # once loaded, a fresh sensor (no cursor) finds nothing to do either
-    job = defs.resolve_job_def("daily_ingest_job")
+    # once loaded by the job the sensor launches, a fresh sensor (no cursor) finds nothing
+    # to do either; the same run refreshed the analysis that can raise an alert
+    job = defs.resolve_job_def(landing_sensor.job_name)
     for request in first.run_requests:
-        assert job.execute_in_process(instance=instance, tags=request.tags).success
+        result = job.execute_in_process(instance=instance, tags=request.tags)
+        assert result.success
+        materialized = {e.asset_key.to_user_string() for e in result.get_asset_materialization_events()}
+        assert {"raw_metrics", "normalized_timeseries", "change_points", "regression_alerts"} <= materialized
     assert _tick(landing_sensor, instance, defs).run_requests == []
 
     # a late file for one day: that day again, under a new run key

@@ -90,13 +90,29 @@ def apply_retention(context: dg.OpExecutionContext, warehouse: WarehouseResource
     with warehouse.open() as wh:
         deleted = wh.apply_retention(raw_before, rollups_before)
     days, landing_bytes = remove_days_before(warehouse.landing, raw_before.date())
+    # Dagster keeps a retired day's materializations: its open-source event log storages
+    # (SQLite, Postgres) cannot wipe single partitions (`wipe_asset_partitions` raises
+    # NotImplementedError there). So each retired partition gets an observation saying so,
+    # which the UI shows on the partition beside its old materialization.
+    retired = [day.isoformat() for day in days if day >= _first_partition_day()]
+    for asset_key in (dg.AssetKey("raw_metrics"), dg.AssetKey("normalized_timeseries")):
+        for key in retired:
+            context.log_event(dg.AssetObservation(
+                asset_key=asset_key, partition=key,
+                metadata={"retired": dg.MetadataValue.text(
+                    f"rows and landing files deleted by retention (older than {raw_before.date()})")}))
     report = {"raw_before": raw_before.isoformat(), "rollups_before": rollups_before.isoformat(),
               **{f"rows_deleted_{table}": rows for table, rows in deleted.items()},
               "landing_days_removed": len(days), "landing_bytes_freed": landing_bytes,
+              "partitions_marked_retired": len(retired),
               "database_bytes_before": size_before, "database_bytes_after": _size(database)}
     context.log.info(json.dumps(report))
     context.add_output_metadata({key: dg.MetadataValue.text(str(value)) for key, value in report.items()})
     return report
+
+
+def _first_partition_day() -> date:
+    return date.fromisoformat(daily_partitions.start.strftime("%Y-%m-%d"))
 
 
 def _size(path: str) -> int:
@@ -139,7 +155,7 @@ def landing_sensor(context: dg.SensorEvaluationContext, warehouse: WarehouseReso
     except WarehouseLockedError:
         return dg.SkipReason("the database is being written; checking again on the next tick")
     requested = json.loads(context.cursor) if context.cursor else {}
-    valid_from = date.fromisoformat(daily_partitions.start.strftime("%Y-%m-%d"))
+    valid_from = _first_partition_day()
     days = []
     for day, files in sorted(changed.items()):
         digest = _digest(files)

@@ -173,6 +173,12 @@ def test_retention_deletes_what_is_older_than_the_limit_and_keeps_the_rest(paths
     report = result.output_for_node("apply_retention")
     assert report["rows_deleted_performance_metrics"] == 4 and report["landing_days_removed"] == 1
     assert report["rows_deleted_metric_rollups_hourly"] == 0  # rollups are kept for 60 days
+    # Dagster cannot wipe a partition's materializations; the retired day is marked instead
+    assert report["partitions_marked_retired"] == 1
+    for asset in ("raw_metrics", "normalized_timeseries"):
+        observed = instance.fetch_observations(dg.AssetKey(asset), limit=10).records
+        assert [(r.partition_key, "retired" in r.asset_observation.metadata) for r in observed] == [
+            (old.isoformat(), True)]
     assert report["landing_bytes_freed"] > 0
     with open_warehouse(paths.database, read_only=True) as wh:
         days = wh.con.execute("SELECT DISTINCT CAST(timestamp AS DATE) FROM performance_metrics").fetchall()

@@ -10,6 +10,7 @@ import time
 import warnings
 from datetime import date, datetime, timezone
 from pathlib import Path
+from typing import NoReturn
 
 from perf_pipeline.config import paths_from_env
 from perf_pipeline.ingest.formats import PARSERS, is_supported
@@ -32,9 +33,52 @@ class UsageError(ValueError):
     pass
 
 
+# Upper bounds past which DuckDB cannot represent the value (LIMIT is a BIGINT, a baseline
+# of more days than this leaves the timestamp range) or the number means nothing.
+MAX_ROWS = 1_000_000
+MAX_BASELINE_DAYS = 36_500
+
+
+def _text(value: str) -> str:
+    """An option's text: argv bytes that are not UTF-8 arrive as lone surrogates, which
+    DuckDB, JSON and YAML cannot store; refused here rather than deep in a query."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise argparse.ArgumentTypeError(f"not valid UTF-8: {value!r}") from None
+    return value
+
+
+def _one_line(message: str) -> str:
+    """Newlines, control characters and bidi overrides escaped: an error is one line on the
+    terminal, whatever text of the user's (or of DuckDB's) it quotes."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in message)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse quotes unknown arguments as typed: its error is made one line too."""
+
+    def error(self, message: str) -> NoReturn:
+        super().error(_one_line(message))
+
+
+def _error(message: str) -> None:
+    print(f"perf-pipeline: error: {_one_line(message)}", file=sys.stderr)
+
+
+def _until(value: str) -> datetime:
+    """--until as a time (the mute itself converts an offset to UTC)."""
+    try:
+        return datetime.fromisoformat(value)
+    except ValueError:
+        raise UsageError(f"--until must be a date like 2026-12-31 or an ISO time, got {value!r}") from None
+
+
 def _input_files(arguments: list[str]) -> list[Path]:
     files: list[Path] = []
     for argument in arguments:
+        if not argument:  # Path("") is the working directory: never ingest that by accident
+            raise UsageError(f"{argument!r}: an empty path names no file or folder")
         path = Path(argument)
         if path.is_dir():
             # Names starting with "." or "_" are not data (temporary files, the simulator's
@@ -227,6 +271,8 @@ def _fleet_arguments(parser: argparse.ArgumentParser, *, seed: int) -> None:
 def cmd_select_nodes(args: argparse.Namespace) -> int:
     from perf_pipeline.client import PerformanceTrends
 
+    if not (math.isfinite(args.max_risk) and 0 <= args.max_risk <= 100):
+        raise UsageError("--max-risk must be a number from 0 to 100")
     client = PerformanceTrends(database=paths_from_env().database)
     try:
         chosen = client.select_nodes_detail(test_type=args.test_type, k=args.k, max_risk=args.max_risk)
@@ -253,13 +299,15 @@ def cmd_alerts(args: argparse.Namespace) -> int:
             raise UsageError("alerts mute needs --test, --node or --metric")
         path = paths.home / MONITORING_FILE
         mute = {"test": args.test, "node": args.node, "metric": args.metric,
-                "until": args.until, "reason": args.reason or ""}
+                "until": _until(args.until), "reason": args.reason or ""}
         mutes = [m.model_dump() for m in load_monitoring(path).mutes]
         settings = configure_performance_monitoring(path, mutes=[*mutes, mute])
-        print(f"muted until {settings.mutes[-1].until:%Y-%m-%d %H:%M}: "
-              + ", ".join(f"{k}={v}" for k, v in mute.items() if k in ("test", "node", "metric") and v))
+        print(f"muted until {settings.mutes[-1].until:%Y-%m-%d %H:%M}: " + _one_line(
+            ", ".join(f"{k}={v}" for k, v in mute.items() if k in ("test", "node", "metric") and v)))
         return 0
     if args.action == "list":
+        if not 1 <= args.limit <= MAX_ROWS:
+            raise UsageError(f"--limit must be from 1 to {MAX_ROWS:,}")
         with open_warehouse(paths.database, read_only=True) as wh:
             alerts = wh.alerts(status=args.status, limit=args.limit)
         if args.json:
@@ -289,9 +337,11 @@ def cmd_gate(args: argparse.Namespace) -> int:
 
     if (args.run_id is None) == (args.ci_job_id is None):
         raise UsageError("give exactly one of --run-id or --ci-job-id")
-    for name in ("baseline_days", "baseline_runs"):
+    for name, most in (("baseline_days", MAX_BASELINE_DAYS), ("baseline_runs", MAX_ROWS)):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
+        if getattr(args, name) > most:
+            raise UsageError(f"--{name.replace('_', '-')} must be at most {most:,}")
     if args.threshold_percent is not None and not (math.isfinite(args.threshold_percent)
                                                    and args.threshold_percent > 0):
         raise UsageError("--threshold-percent must be a positive number")
@@ -316,7 +366,7 @@ def cmd_gate(args: argparse.Namespace) -> int:
         with open_warehouse(paths.database, read_only=True) as warehouse:
             outcome = judge(warehouse, options, monitoring.threshold_percent)
     except (PipelineRunError, WarehouseLockedError, duckdb.Error) as error:
-        print(f"perf-pipeline: error: {error}", file=sys.stderr)
+        _error(str(error))
         return 2
     try:
         publish(outcome, junit_path=Path(args.junit_xml) if args.junit_xml else None)
@@ -328,6 +378,10 @@ def cmd_gate(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace, *, dashboard: bool) -> int:
     from perf_pipeline.server.app import serve, settings_from_env
 
+    if not 1 <= args.port <= 65535:
+        raise UsageError(f"--port must be from 1 to 65535, got {args.port}")
+    if not (math.isfinite(args.max_body_mb) and args.max_body_mb > 0):
+        raise UsageError("--max-body-mb must be a positive number")
     paths = paths_from_env().ensure()
     settings = settings_from_env(paths.landing, host=args.host, port=args.port,
                                  no_auth=args.no_auth, serve_dashboard=dashboard,
@@ -369,7 +423,7 @@ def _server_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="perf-pipeline",
         description="Performance trends of a test fleet on Dagster and DuckDB. State lives "
                     "under $PERF_PIPELINE_HOME (default ./var).")
@@ -395,14 +449,14 @@ def build_parser() -> argparse.ArgumentParser:
                     "record lacks; a file's own values (a JUnit suite's hostname and timestamp) "
                     "win.")
     ingest.add_argument("files", nargs="+", help="files or folders of metric files")
-    ingest.add_argument("--node-id", help="node the metrics came from")
-    ingest.add_argument("--node-type", help="kind of node, e.g. linux-large")
-    ingest.add_argument("--test-type", help="e.g. unit, integration, e2e")
-    ingest.add_argument("--test-run-id", help="the test run (default for JUnit and "
+    ingest.add_argument("--node-id", type=_text, help="node the metrics came from")
+    ingest.add_argument("--node-type", type=_text, help="kind of node, e.g. linux-large")
+    ingest.add_argument("--test-type", type=_text, help="e.g. unit, integration, e2e")
+    ingest.add_argument("--test-run-id", type=_text, help="the test run (default for JUnit and "
                                               "pytest-benchmark: derived from host and time)")
-    ingest.add_argument("--ci-job-id", help="the CI job")
-    ingest.add_argument("--commit", help="commit under test (into context_data)")
-    ingest.add_argument("--branch", help="branch under test (into context_data)")
+    ingest.add_argument("--ci-job-id", type=_text, help="the CI job")
+    ingest.add_argument("--commit", type=_text, help="commit under test (into context_data)")
+    ingest.add_argument("--branch", type=_text, help="branch under test (into context_data)")
     ingest.add_argument("--timestamp", help="ISO time for records without one (no offset: UTC)")
     ingest.add_argument("--from-ci-env", action="store_true",
                         help="fill run, CI job, commit, branch and node from the CI's environment "
@@ -420,7 +474,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     select = commands.add_parser("select-nodes", help="the best nodes for a kind of test: healthy, "
                                                       "then fast on that test type, then stable")
-    select.add_argument("--test-type", help="e.g. unit, integration, e2e (default: all tests)")
+    select.add_argument("--test-type", type=_text, help="e.g. unit, integration, e2e (default: all tests)")
     select.add_argument("-k", type=int, default=5, help="how many nodes (default 5)")
     select.add_argument("--max-risk", type=float, default=50.0,
                         help="nodes at or above this risk (0–100) come last (default 50)")
@@ -431,8 +485,8 @@ def build_parser() -> argparse.ArgumentParser:
         "gate", help="CI gate: exit 1 if this run significantly regressed against the same "
                      "tests' recent history, 0 if not, 2 if it cannot tell")
     which = gate.add_mutually_exclusive_group()
-    which.add_argument("--run-id", help="the test_run_id to judge")
-    which.add_argument("--ci-job-id", help="judge every run of this CI job together")
+    which.add_argument("--run-id", type=_text, help="the test_run_id to judge")
+    which.add_argument("--ci-job-id", type=_text, help="judge every run of this CI job together")
     gate.add_argument("--ingest", action="append", metavar="PATH",
                       help="ingest these metric files or folders and load their days first "
                            "(repeatable)")
@@ -442,8 +496,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="baseline: at most this many most recent runs per test (default 50)")
     gate.add_argument("--min-baseline-runs", type=int, default=5,
                       help="tests with fewer baseline runs get no verdict (default 5)")
-    gate.add_argument("--node-type", help="compare only measurements on this node type")
-    gate.add_argument("--metric", action="append", metavar="NAME",
+    gate.add_argument("--node-type", type=_text, help="compare only measurements on this node type")
+    gate.add_argument("--metric", action="append", metavar="NAME", type=_text,
                       help="judge only this metric (repeatable; default: every metric of the run)")
     gate.add_argument("--threshold-percent", type=float, default=None,
                       help="regressions of this size fail the build when the noise allows; "
@@ -475,20 +529,21 @@ def build_parser() -> argparse.ArgumentParser:
     actions = alerts.add_subparsers(dest="action", required=True)
     listing = actions.add_parser("list", help="alerts, newest first")
     listing.add_argument("--status", choices=["new", "acknowledged", "invalid", "resolved"])
-    listing.add_argument("--limit", type=int, default=50)
+    listing.add_argument("--limit", type=int, default=50,
+                         help=f"at most this many (1 to {MAX_ROWS:,}, default 50)")
     listing.add_argument("--json", action="store_true", help="print JSON records")
     for action, meaning in (("ack", "acknowledge: someone is on it (no more deliveries)"),
                             ("resolve", "resolved by hand"),
                             ("invalid", "not a real regression: never raised again")):
         change = actions.add_parser(action, help=meaning)
-        change.add_argument("alert_id")
-        change.add_argument("--note", help="why, for the record")
+        change.add_argument("alert_id", type=_text)
+        change.add_argument("--note", type=_text, help="why, for the record")
     mute = actions.add_parser("mute", help="silence a test, node or metric until a time")
-    mute.add_argument("--test", help="test name, * wildcards allowed")
-    mute.add_argument("--node")
-    mute.add_argument("--metric")
+    mute.add_argument("--test", type=_text, help="test name, * wildcards allowed")
+    mute.add_argument("--node", type=_text)
+    mute.add_argument("--metric", type=_text)
     mute.add_argument("--until", required=True, help="YYYY-MM-DD or an ISO time (UTC)")
-    mute.add_argument("--reason")
+    mute.add_argument("--reason", type=_text)
     alerts.set_defaults(handler=cmd_alerts)
     return parser
 
@@ -497,22 +552,25 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # Dagster marks backfill policies as beta; users of the CLI cannot act on that warning.
     warnings.filterwarnings("ignore", message=".*currently in beta")
+    # OverflowError: a number too large for where it goes (--spool-max-mb inf) is a usage error.
     if args.command == "agent":  # a long-lived process on test nodes: keep Dagster out of it
         try:
             return args.handler(args)
-        except (ValueError, OSError) as error:
-            print(f"perf-pipeline: error: {error}", file=sys.stderr)
+        except (ValueError, OSError, OverflowError) as error:
+            _error(str(error))
             return 2
+    import duckdb
+
     from perf_pipeline.defs.runner import PipelineRunError
     from perf_pipeline.storage.warehouse import WarehouseLockedError
 
     try:
         return args.handler(args)
-    except (PipelineRunError, WarehouseLockedError) as error:
-        print(f"perf-pipeline: error: {error}", file=sys.stderr)
+    except (PipelineRunError, WarehouseLockedError, duckdb.Error) as error:
+        _error(str(error))
         return 1
-    except (ValueError, OSError, LookupError) as error:
-        print(f"perf-pipeline: error: {error}", file=sys.stderr)
+    except (ValueError, OSError, LookupError, OverflowError) as error:
+        _error(str(error))
         return 2
     except KeyboardInterrupt:
         print("perf-pipeline: interrupted", file=sys.stderr)

@@ -11,7 +11,7 @@ import fnmatch
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import date, datetime
+from datetime import date, datetime, timezone
 from pathlib import Path
 from typing import Literal
 
@@ -113,8 +113,20 @@ class Mute(BaseModel):
             _known_metric(self.metric)
         return self
 
+    @field_validator("until")
+    @classmethod
+    def _in_utc(cls, until: datetime) -> datetime:
+        """An offset is honoured (converted to UTC); a time without one is UTC already."""
+        if until.tzinfo is None:
+            return until
+        try:
+            return until.astimezone(timezone.utc).replace(tzinfo=None)
+        except OverflowError:
+            raise ValueError("until is out of range") from None
+
     def active(self, now: datetime) -> bool:
-        return now < self.until.replace(tzinfo=None)
+        """Whether the mute silences alerts at `now` (naive UTC)."""
+        return now < self.until
 
     def matches(self, *, metric: str | None, tests: list[str], node: str | None) -> bool:
         if self.metric is not None and self.metric != metric:

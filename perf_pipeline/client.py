@@ -373,7 +373,7 @@ class PerformanceTrends:
             raise PermissionError(f"{self.url} refused: {message}")
         if status == 400:
             raise ValueError(message)
-        if status == 503:
+        if status in (429, 503):  # rate-limited, or the database is being written
             seconds = float(retry_after) if retry_after and retry_after.isdigit() else None
             raise ServiceUnavailableError(f"server busy, retry later: {message}", seconds)
         if 300 <= status < 400:

@@ -205,20 +205,42 @@ def materialized_fleet(root: Path, *, end, days: int, nodes: int, tests: int,
     return paths
 
 
+class LiveServer:
+    def __init__(self, url: str, port: int, pid: int):
+        self.url, self.port, self.pid = url, port, pid
+        self.log: list[bytes] = []
+
+    def __repr__(self) -> str:  # hypothesis prints the fixtures of a failing example
+        return f"LiveServer({self.url})"
+
+
+@contextlib.contextmanager
+def live_server(env: dict, *, secrets: tuple[str, ...], arguments: tuple[str, ...] = (),
+                command: str = "serve"):
+    """`perf-pipeline serve` (or `dashboard`) on a free loopback port, yielding a LiveServer;
+    afterwards its output must hold none of `secrets` (never logged) and no traceback. The
+    output is read while the server runs: uvicorn logs every request, and a pipe nobody
+    reads fills after 64 KiB (about 700 requests) and then blocks the server."""
+    port = free_port()
+    process = start_gateway(port, env, arguments=arguments, command=command)
+    server = LiveServer(f"http://127.0.0.1:{port}", port, process.pid)
+    reader = threading.Thread(target=lambda: server.log.extend(process.stdout), daemon=True)
+    reader.start()
+    try:
+        wait_until_serving(server.url, process)
+        yield server
+    finally:
+        stop_process_group(process)
+        reader.join(timeout=10)
+    output = b"".join(server.log).decode("utf-8", errors="replace")
+    assert "Traceback" not in output, output[-5000:]
+    for secret in secrets:
+        assert secret not in output, "a secret must never be logged"
+
+
 @contextlib.contextmanager
 def serving(env: dict, *, secrets: tuple[str, ...], arguments: tuple[str, ...] = (),
             command: str = "serve"):
-    """`perf-pipeline serve` (or `dashboard`) on a free loopback port, yielding its URL;
-    afterwards its output must hold none of `secrets` (never logged) and no traceback."""
-    port = free_port()
-    process = start_gateway(port, env, arguments=arguments, command=command)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_until_serving(url, process)
-        yield url
-    finally:
-        stop_process_group(process)
-        output = process.stdout.read().decode()
-    assert "Traceback" not in output, output
-    for secret in secrets:
-        assert secret not in output, "a secret must never be logged"
+    """live_server, yielding its URL."""
+    with live_server(env, secrets=secrets, arguments=arguments, command=command) as server:
+        yield server.url

@@ -50,6 +50,7 @@ from perf_pipeline.client import (
     check_text,
 )
 from perf_pipeline.config import ConfigError, TrendSettings, configure_performance_monitoring
+from perf_pipeline.server.bodies import BodyTooLarge, read_limited
 from perf_pipeline.storage.warehouse import FILTER_COLUMNS, WarehouseLockedError
 
 logger = logging.getLogger(__name__)
@@ -244,11 +245,11 @@ class ReadApi:
             return _error(400, "PUT /api/v1/monitoring takes no query parameters; send the "
                                "settings as a JSON object")
         try:
-            body = b""
-            async for chunk in request.stream():
-                body += chunk
-                if len(body) > MAX_SETTINGS_BYTES:
-                    return _error(413, f"settings body over {MAX_SETTINGS_BYTES} bytes")
+            body = await read_limited(request, MAX_SETTINGS_BYTES)
+        except BodyTooLarge:
+            return _error(413, f"settings body over {MAX_SETTINGS_BYTES} bytes")
+        except ValueError as error:
+            return _error(400, str(error))
         except ClientDisconnect:
             return _error(400, "client disconnected mid-body")
         try:

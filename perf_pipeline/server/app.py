@@ -15,6 +15,11 @@ is POSTed to `/login` (never put in a URL, where access logs and browser history
 it) and answered with an HttpOnly, SameSite=Lax session cookie valid for 12 hours: the issue
 time and an HMAC of it keyed by the token, never the token. It opens the dashboard page and
 nothing else, never the API; `POST /logout` clears it. The pages forbid framing.
+
+Each client address has a request budget and a stricter budget of failed authentications
+(`ratelimit.py`), set by PERF_RATE_LIMIT_PER_SECOND / PERF_RATE_LIMIT_BURST and
+PERF_AUTH_FAILURES_PER_MINUTE / PERF_AUTH_FAILURES_BURST; over either, the answer is 429 with
+Retry-After.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import contextlib
 import hashlib
 import hmac
 import ipaddress
+import math
 import os
 import time
 from collections.abc import AsyncIterator
@@ -41,15 +47,30 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from perf_pipeline.config import MONITORING_FILE, partitions_start_date, paths_from_env
 from perf_pipeline.server.api import LastResortMiddleware, ReadApi, internal_error
+from perf_pipeline.server.bodies import BodyTooLarge, read_limited
 from perf_pipeline.server.gateway import MetricsGateway
+from perf_pipeline.server.ratelimit import RateLimit, RateLimitMiddleware
 
 TOKEN_ENV = "PERF_API_TOKEN"
 ADMIN_TOKEN_ENV = "PERF_ADMIN_TOKEN"
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_MAX_BODY_BYTES = 16 * 1024 * 1024
+REQUESTS_PER_SECOND_ENV = "PERF_RATE_LIMIT_PER_SECOND"
+REQUEST_BURST_ENV = "PERF_RATE_LIMIT_BURST"
+AUTH_FAILURES_PER_MINUTE_ENV = "PERF_AUTH_FAILURES_PER_MINUTE"
+AUTH_FAILURE_BURST_ENV = "PERF_AUTH_FAILURES_BURST"
+# Per client address. A node pushing every 2 s sends 0.5 requests/s, so 20/s leaves 40 times
+# that; the burst of 100 covers an agent draining its spool after an outage, or CI jobs on one
+# host finishing together. 20/s also stays below what the gateway takes on 2 cores (about 25
+# small batches/s), so one runaway client cannot take all of it.
+DEFAULT_REQUEST_LIMIT = RateLimit(per_second=20.0, burst=100)
+# 10 failed authentications at once, then one every 6 s: a person mistyping the token is never
+# held up, an online guesser gets 14,400 guesses a day per address instead of thousands a second.
+DEFAULT_AUTH_FAILURE_LIMIT = RateLimit(per_second=10 / 60, burst=10)
 DASHBOARD_FILE = "performance_dashboard.html"
 SESSION_COOKIE = "perf_pipeline_session"
 SESSION_MAX_AGE_SECONDS = 12 * 3600
+MAX_LOGIN_FORM_BYTES = 4096
 LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "[::1]")  # as Host headers name them, any port
 # `/` and `/login` must never be framed (clickjacking of the login form or the page)
 FRAMING_HEADERS = {"X-Frame-Options": "DENY", "Content-Security-Policy": "frame-ancestors 'none'"}
@@ -73,6 +94,8 @@ class ServerSettings:
     database: Path | None = None
     monitoring_file: Path | None = None
     dashboard: Path | None = None
+    request_limit: RateLimit = DEFAULT_REQUEST_LIMIT
+    auth_failure_limit: RateLimit = DEFAULT_AUTH_FAILURE_LIMIT
 
 
 def is_loopback(host: str) -> bool:
@@ -82,6 +105,33 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def _number(environ, name: str, default: float, *, whole: bool = False) -> float:
+    text = environ.get(name)
+    if text is None or not text.strip():
+        return default
+    try:
+        value = int(text) if whole else float(text)
+    except ValueError:
+        raise ServerConfigError(f"{name} must be a {'whole ' if whole else ''}number, "
+                                f"got {text[:40]!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise ServerConfigError(f"{name} must be 0 or more, got {text[:40]!r}")
+    return value
+
+
+def limits_from_env(environ) -> tuple[RateLimit, RateLimit]:
+    """The request and failed-authentication limits; a rate of 0 turns that limit off."""
+    requests = RateLimit(_number(environ, REQUESTS_PER_SECOND_ENV, DEFAULT_REQUEST_LIMIT.per_second),
+                         int(_number(environ, REQUEST_BURST_ENV, DEFAULT_REQUEST_LIMIT.burst, whole=True)))
+    failures = RateLimit(
+        _number(environ, AUTH_FAILURES_PER_MINUTE_ENV, DEFAULT_AUTH_FAILURE_LIMIT.per_second * 60) / 60,
+        int(_number(environ, AUTH_FAILURE_BURST_ENV, DEFAULT_AUTH_FAILURE_LIMIT.burst, whole=True)))
+    for limit, name in ((requests, REQUEST_BURST_ENV), (failures, AUTH_FAILURE_BURST_ENV)):
+        if limit.enabled and limit.burst < 1:
+            raise ServerConfigError(f"{name} must be 1 or more while its rate is above 0")
+    return requests, failures
 
 
 def settings_from_env(landing: Path, *, host: str, port: int, no_auth: bool,
@@ -107,8 +157,10 @@ def settings_from_env(landing: Path, *, host: str, port: int, no_auth: bool,
         raise ServerConfigError(f"{TOKEN_ENV} is too short to be a secret: use 16 characters or more")
     if max_body_bytes <= 0:
         raise ServerConfigError("the body size limit must be positive")
+    request_limit, auth_failure_limit = limits_from_env(environ)
     return ServerSettings(landing=landing, token=token, admin_token=admin_token, host=host, port=port,
                           max_body_bytes=max_body_bytes, database=paths.database,
+                          request_limit=request_limit, auth_failure_limit=auth_failure_limit,
                           monitoring_file=paths.home / MONITORING_FILE,
                           dashboard=paths.reports / DASHBOARD_FILE if serve_dashboard else None)
 
@@ -199,13 +251,13 @@ class DashboardPage:
     async def login(self, request: Request) -> Response:
         if self.token is None:
             return RedirectResponse("/", status_code=303, headers=FRAMING_HEADERS)
-        body = b""
         try:
-            async for chunk in request.stream():
-                body += chunk
-                if len(body) > 4096:
-                    return HTMLResponse(_LOGIN_PAGE.format(message="<p>Form too large.</p>"),
-                                        status_code=413, headers=FRAMING_HEADERS)
+            body = await read_limited(request, MAX_LOGIN_FORM_BYTES)
+        except BodyTooLarge:
+            return HTMLResponse(_LOGIN_PAGE.format(message="<p>Form too large.</p>"),
+                                status_code=413, headers=FRAMING_HEADERS)
+        except ValueError as error:
+            return HTMLResponse(str(error), status_code=400, headers=FRAMING_HEADERS)
         except ClientDisconnect:  # the browser went away mid-form: nobody to answer
             return HTMLResponse("client disconnected mid-form", status_code=400)
         sent = parse_qs(body.decode("utf-8", errors="replace")).get("token", [""])[0]
@@ -251,7 +303,9 @@ def create_app(settings: ServerSettings) -> Starlette:
         routes += [Route("/", dashboard.page, methods=["GET"]),
                    Route("/login", dashboard.login, methods=["POST"]),
                    Route("/logout", dashboard.logout, methods=["POST"])]
-    middleware = [Middleware(LastResortMiddleware)]
+    middleware = [Middleware(LastResortMiddleware),
+                  Middleware(RateLimitMiddleware, requests=settings.request_limit,
+                             auth_failures=settings.auth_failure_limit, session_cookie=SESSION_COOKIE)]
     if settings.token is None:
         # No token: anything that can reach the port is trusted, so a page on another site
         # must not reach it through DNS rebinding (its name resolving to 127.0.0.1): only the

@@ -28,6 +28,7 @@ from starlette.responses import JSONResponse
 from perf_pipeline.collect.files import write_atomic
 from perf_pipeline.ingest.formats import PARSERS, stage_bytes
 from perf_pipeline.ingest.landing import day_folder
+from perf_pipeline.server.bodies import BodyTooLarge, read_limited
 from perf_pipeline.storage.warehouse import Warehouse, connect
 
 # Content types → the format's file suffix (formats.PARSERS is keyed by suffix).
@@ -160,21 +161,14 @@ class MetricsGateway:
         return defaults or None
 
     async def read_body(self, request: Request) -> bytes:
-        declared = request.headers.get("content-length")
-        if declared is not None:
-            if not declared.isdigit():
-                raise RequestError(400, "Content-Length is not a number")
-            if int(declared) > self.max_body_bytes:
-                raise RequestError(413, f"body of {int(declared)} bytes is over the limit of "
-                                        f"{self.max_body_bytes} bytes; send smaller batches")
-        chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > self.max_body_bytes:
-                raise RequestError(413, f"body is over the limit of {self.max_body_bytes} "
-                                        "bytes; send smaller batches")
-            chunks.append(chunk)
-        return b"".join(chunks)
+        try:
+            return await read_limited(request, self.max_body_bytes)
+        except ValueError as error:
+            raise RequestError(400, str(error)) from None
+        except BodyTooLarge as error:
+            size = f"of {error.declared} bytes " if error.declared is not None else ""
+            raise RequestError(413, f"body {size}is over the limit of {self.max_body_bytes} "
+                                    "bytes; send smaller batches") from None
 
     async def post_metrics(self, request: Request) -> JSONResponse:
         try:

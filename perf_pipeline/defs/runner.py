@@ -6,22 +6,28 @@ partitioned assets take a range in one run), then one run of the analysis.
 """
 
 import os
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
 
 import dagster as dg
+import psutil
 import yaml
 
 from perf_pipeline.config import Paths
 from perf_pipeline.ingest.landing import landing_state
-from perf_pipeline.storage.warehouse import open_warehouse
+from perf_pipeline.storage.warehouse import open_warehouse, writer_lock
 
 # Models are retrained weekly (model_training_schedule); a run retrains older ones.
 MODEL_MAX_AGE = timedelta(days=7)
 RANGE_START_TAG = "dagster/asset_partition_range_start"
 RANGE_END_TAG = "dagster/asset_partition_range_end"
+# Which process of which machine runs a run the CLI launched: a run whose process is gone was
+# killed, and nothing else would ever end it (no daemon watches runs executed in-process).
+PID_TAG = "perf_pipeline/pid"
+HOST_TAG = "perf_pipeline/host"
 # Failures reach the user as one line from PipelineRunError; the run's own log keeps the rest.
 _QUIET_LOGS = {"loggers": {"console": {"config": {"log_level": "CRITICAL"}}}}
 
@@ -61,16 +67,21 @@ def open_instance(paths: Paths) -> dg.DagsterInstance:
 
 
 def changed_landing(landing: Path, database: Path) -> dict[date, dict[str, str]]:
-    """The landing days whose files differ from what raw_metrics last loaded, with their
-    files' checksums. Raises WarehouseLockedError while another process writes."""
+    """The landing days whose files differ from what raw_metrics last loaded, or that were
+    loaded but not normalized since (a run killed between the two), with their files'
+    checksums. Raises WarehouseLockedError while another process writes."""
     landed = landing_state(landing)
     if not database.exists():
         return landed
     with open_warehouse(database, read_only=True) as wh:
-        if "ingested_files" not in wh.table_names():
+        tables = wh.table_names()
+        if "ingested_files" not in tables:
             return landed
         loaded = wh.ingested_checksums()
-    return {day: files for day, files in landed.items() if loaded.get(day) != files}
+        # a database from before normalized_days: its migration takes every loaded day as normalized
+        normalized = wh.normalized_day_set() if "normalized_days" in tables else set(loaded)
+    return {day: files for day, files in landed.items()
+            if loaded.get(day) != files or day not in normalized}
 
 
 def changed_days(paths: Paths) -> list[date]:
@@ -95,10 +106,42 @@ def _root_cause(error) -> str:
     return error.message.strip().splitlines()[-1]
 
 
+def _process_tags() -> dict[str, str]:
+    return {PID_TAG: str(os.getpid()), HOST_TAG: socket.gethostname()}
+
+
+def _alive(pid: int, since: float) -> bool:
+    """Whether process `pid` exists and is the one that was running at `since` (not a later
+    process that got the same number)."""
+    try:
+        return psutil.Process(pid).create_time() <= since + 1
+    except (psutil.NoSuchProcess, psutil.AccessDenied, ValueError):
+        return False
+
+
+def end_abandoned_runs(instance: dg.DagsterInstance) -> list[str]:
+    """Runs the CLI started on this machine whose process has died (killed mid-run): marked
+    failed and their pool slots freed. Otherwise such a run stays STARTED and keeps the
+    `duckdb` pool's one slot, and every later run waits for it forever."""
+    records = instance.get_run_records(filters=dg.RunsFilter(
+        statuses=[dg.DagsterRunStatus.STARTING, dg.DagsterRunStatus.STARTED],
+        tags={HOST_TAG: socket.gethostname()}))
+    ended = []
+    for record in records:
+        run = record.dagster_run
+        pid = run.tags.get(PID_TAG, "")
+        if not pid.isdigit() or _alive(int(pid), record.create_timestamp.timestamp()):
+            continue
+        instance.report_run_failed(run, f"its process ({pid}) is gone: killed before the run ended")
+        instance.event_log_storage.free_concurrency_slots_for_run(run.run_id)
+        ended.append(run.run_id)
+    return ended
+
+
 def _execute(job: dg.JobDefinition, instance: dg.DagsterInstance, *, run_config: dict,
              tags: dict[str, str] | None = None) -> str:
-    result = job.execute_in_process(instance=instance, run_config=run_config, tags=tags,
-                                    raise_on_error=False)
+    result = job.execute_in_process(instance=instance, run_config=run_config,
+                                    tags={**(tags or {}), **_process_tags()}, raise_on_error=False)
     if not result.success:
         failures = [_root_cause(event.event_specific_data.error)
                     for event in result.all_events
@@ -134,7 +177,13 @@ def run_pipeline(paths: Paths, *, days: list[date] | None = None,
     defs = build_defs(paths)
     report = RunReport()
     partitions = defs.resolve_job_def("daily_ingest_job").partitions_def
+    if paths.database.exists():
+        # fail at once while another process writes (the steps would wait for it, silently)
+        with writer_lock(paths.database), open_warehouse(paths.database, read_only=True):
+            pass
     with open_instance(paths) as instance:
+        for run_id in end_abandoned_runs(instance):
+            progress(f"run {run_id} was killed before it ended: marked failed, its pool slot freed")
         valid = set(partitions.get_partition_keys(dynamic_partitions_store=instance))
         for day in (changed_days(paths) if days is None else days):
             if day.isoformat() in valid:

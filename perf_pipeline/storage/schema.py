@@ -416,6 +416,16 @@ MIGRATIONS: tuple[tuple[int, str, tuple[str, ...]], ...] = (
         )
         """,
     )),
+    (7, "the days normalized_timeseries was rebuilt for since raw_metrics last loaded them", (
+        """
+        CREATE TABLE normalized_days (
+            partition_day DATE PRIMARY KEY,
+            normalized_at TIMESTAMP NOT NULL
+        )
+        """,
+        # Databases from before this table: every loaded day is taken as normalized.
+        "INSERT INTO normalized_days SELECT DISTINCT partition_day, now()::TIMESTAMP FROM ingested_files",
+    )),
 )
 
 LATEST_VERSION = MIGRATIONS[-1][0]

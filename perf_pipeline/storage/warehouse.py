@@ -321,7 +321,7 @@ FROM (
     WHERE starts_with(line, '{') OR trim(line, ' ' || chr(9) || chr(10) || chr(11) || chr(12) || chr(13)) <> '')
 """
 _DELETE_DAYS_SQL = {table: f"DELETE FROM {table} WHERE partition_day IN (SELECT unnest(CAST(? AS DATE[])))"
-                    for table in ("quarantined_metrics", "ingested_files")}
+                    for table in ("quarantined_metrics", "ingested_files", "normalized_days")}
 _INSERT_LOADED_SQL = """
 INSERT INTO performance_metrics (timestamp, metric_name, metric_value, test_name, test_type,
     node_id, node_type, test_run_id, ci_job_id, context_data, unit, source_file, source_line)
@@ -575,7 +575,9 @@ class Warehouse:
                     "DELETE FROM performance_metrics WHERE timestamp >= ? AND timestamp < ? "
                     "AND CAST(timestamp AS DATE) IN (SELECT unnest(CAST(? AS DATE[])))",
                     [first, stop, days])
-                for table in ("quarantined_metrics", "ingested_files"):
+                # a day loaded again is not normalized until normalized_timeseries says so:
+                # a process killed between the two leaves the day to be loaded again
+                for table in ("quarantined_metrics", "ingested_files", "normalized_days"):
                     self.con.execute(_DELETE_DAYS_SQL[table], [days])
                 self.con.execute(_INSERT_LOADED_SQL)
                 self.con.execute(_INSERT_QUARANTINED_SQL)
@@ -601,6 +603,10 @@ class Warehouse:
                                 rows_quarantined=read - loaded, files=files_per_day[day],
                                 top_reasons=reasons[day])
                 for day, (read, loaded) in counts.items()}
+
+    def normalized_day_set(self) -> set[date]:
+        """Days whose normalized series were rebuilt since raw_metrics last loaded them."""
+        return {day for (day,) in self.con.execute("SELECT partition_day FROM normalized_days").fetchall()}
 
     def ingested_checksums(self) -> dict[date, dict[str, str]]:
         """{day: {landing path: checksum}} of what raw_metrics last loaded."""
@@ -638,6 +644,8 @@ class Warehouse:
             self.con.execute(_DELETE_ROLLUPS_SQL, bounds)
             self.con.execute(_NORMALIZE_SQL, bounds)
             self.con.execute(_ROLLUP_SQL, bounds)
+            self.con.execute("INSERT OR REPLACE INTO normalized_days "
+                             "SELECT unnest(CAST(? AS DATE[])), now()::TIMESTAMP", [days])
         counts = {day: {"points": 0, "hourly_rollups": 0} for day in days}
         for table, sql in (("points", _COUNT_NORMALIZED_SQL), ("hourly_rollups", _COUNT_ROLLUPS_SQL)):
             for day, number in self.con.execute(sql, bounds).fetchall():
@@ -983,6 +991,7 @@ class Warehouse:
             ("quarantined_metrics", "DELETE FROM quarantined_metrics WHERE partition_day < CAST(? AS DATE)",
              raw_before),
             ("ingested_files", "DELETE FROM ingested_files WHERE partition_day < CAST(? AS DATE)", raw_before),
+            ("normalized_days", "DELETE FROM normalized_days WHERE partition_day < CAST(? AS DATE)", raw_before),
             ("metric_rollups_hourly", "DELETE FROM metric_rollups_hourly WHERE hour < ?", rollups_before),
         )
         with self.transaction():

@@ -126,10 +126,14 @@ def _ingest(files: list[Path], landing: Path, defaults: dict | None = None) -> N
     span = f"{days[0]} … {days[-1]}" if days else "no days"
     print(f"ingested {report.records_read} records from {report.files_read} files into "
           f"{len(days)} landing days ({span}); {len(report.files_written)} new landing files")
-    if report.undated_records or report.unreadable_records:
-        print(f"  {report.undated_records} records without a usable timestamp and "
+    if report.undated_records or report.unreadable_records or report.out_of_range_records:
+        print(f"  {report.undated_records} records without a usable timestamp, "
+              f"{report.out_of_range_records} dated outside the daily partitions and "
               f"{report.unreadable_records} unreadable records were kept under today's day; "
               "they will be quarantined with a reason when it loads")
+    if report.records_already_landed:
+        print(f"  {report.records_already_landed} records were already in the archive "
+              "(the same content ingested before) and were not written again")
 
 
 def _ingest_defaults(args: argparse.Namespace) -> dict | None:

@@ -182,8 +182,13 @@ def parse_csv(data: bytes, defaults: Mapping | None = None) -> Iterator[StagedRe
             else:
                 yield number, json_text(record), None
     except csv.Error as error:
+        # The reader cannot go on: the rest of the file, from the row it failed on, is one
+        # rejected record that keeps (the start of) that text.
         reason = f"CSV is malformed: {error}"
-        yield start, rejected_record(reason, "", _default_timestamp(defaults)), reason
+        rest = "".join(io.StringIO(text, newline="").readlines()[start - 1:])
+        if len(rest) > MAX_DOCUMENT_ECHO:
+            rest = f"{rest[:MAX_DOCUMENT_ECHO]}… ({len(rest):,} characters in all)"
+        yield start, rejected_record(reason, rest, _default_timestamp(defaults)), reason
 
 
 def _without_nulls(mapping: dict) -> dict:

@@ -3,7 +3,12 @@
 `ingest_files` splits input files by each record's own UTC day and writes them here as
 JSON Lines; `read_landing_day` stages a day's files for `raw_metrics`. Files are written to a
 temporary name, fsynced and renamed, so a reader never sees half a file; names carry the
-content's checksum, so ingesting the same data twice writes nothing new.
+content's checksum, so ingesting the same data twice writes nothing new (the same records
+under another input file name land again, as a file of their own, and load twice).
+
+Every record ingest reads reaches a day that loads: a record without a usable timestamp, or
+dated outside the daily partitions (`outside_partitions`, the rule the HTTP gateway applies
+too), is filed under the ingest day and quarantined with its reason when that day loads.
 """
 
 from __future__ import annotations
@@ -14,14 +19,15 @@ import shutil
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import date, datetime, timezone
+from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
 
 import duckdb
 import pandas as pd
 
 from perf_pipeline.collect.files import write_atomic
-from perf_pipeline.ingest.formats import is_supported, stage_bytes
+from perf_pipeline.config import START_DATE_ENV, partitions_start_date
+from perf_pipeline.ingest.formats import is_supported, rejected_record, stage_bytes
 from perf_pipeline.storage.warehouse import (
     STAGING_COLUMNS,
     LandingFile,
@@ -37,6 +43,10 @@ _GLOB_CHARACTERS = re.compile(r"[*?\[\]{}]")
 # A load stages at most this many bytes of landing files: a long backfill is a few large
 # statements rather than one per day, and its memory stays bounded.
 LOAD_CHUNK_BYTES = 256 * 2**20
+# Clocks on test nodes drift; a record further ahead than this is a bad clock, not a metric.
+FUTURE_TOLERANCE = timedelta(days=1)
+# What both load paths skip as a blank line (bytes.strip() in formats, trim() in DuckDB).
+_BLANK = " \t\n\r\x0b\x0c"
 
 
 @dataclass
@@ -47,6 +57,28 @@ class IngestReport:
     records_by_day: Counter = field(default_factory=Counter)
     unreadable_records: int = 0  # kept in the archive with their reason; quarantined on load
     undated_records: int = 0  # no usable timestamp: filed under the ingest day, quarantined on load
+    # Dated outside the daily partitions: filed under the ingest day with the reason (see
+    # outside_partitions), quarantined on load.
+    out_of_range_records: int = 0
+    # Records of landing files that already existed (the same data ingested before): counted
+    # in records_read and records_by_day, written once.
+    records_already_landed: int = 0
+
+
+def outside_partitions(day: date | str, *, earliest_day: date, today: date,
+                       clock: str = "the ingesting host's clock") -> str | None:
+    """Why a record of UTC `day` can never load (None if it can): dated before the first
+    daily partition, or more than FUTURE_TOLERANCE ahead of `today` by `clock`. DuckDB gives
+    a day before year 1 or after 9999 as text, which no partition holds either."""
+    if not isinstance(day, date):
+        return f"timestamp's day {str(day)[:40]} is outside the years 1 to 9999"
+    latest = today + FUTURE_TOLERANCE
+    if day > latest:
+        return f"timestamp is dated after {latest.isoformat()} (UTC), ahead of {clock}"
+    if day < earliest_day:
+        return (f"timestamp is before the first daily partition, {earliest_day.isoformat()} "
+                f"({START_DATE_ENV})")
+    return None
 
 
 def checksum(data: bytes) -> str:
@@ -184,16 +216,26 @@ def _load_chunks(days: list[tuple[date, list[tuple[Path, LandingFile]]]], limit:
         yield chunk
 
 
+def landing_stem(path: Path) -> str:
+    """The input file's part of its landing names: safe characters only, and never a leading
+    "." or "_", which day_files takes for a temporary file and skips."""
+    return re.sub(r"[^A-Za-z0-9._-]", "_", Path(path).stem)[:80].lstrip("._") or "metrics"
+
+
 def ingest_files(paths: list[Path], landing: Path, *, today: date | None = None,
-                 defaults: Mapping | None = None) -> IngestReport:
+                 defaults: Mapping | None = None,
+                 earliest_day: date | None = None) -> IngestReport:
     """Copy metric files (any format in formats.PARSERS) into the landing archive as JSON
     Lines, each record under its own UTC day; `defaults` fill the fields records lack
     (formats.DEFAULT_FIELDS: node, run, commit …).
 
     Records whose timestamp cannot be read are filed under `today` (the ingest day), so they
-    reach quarantine with a reason when that day loads instead of disappearing here.
+    reach quarantine with a reason when that day loads instead of disappearing here; so are
+    records dated outside the daily partitions (before `earliest_day`, by default the
+    configured first partition, or more than a day after `today`), kept whole with that reason.
     """
     today = today or datetime.now(timezone.utc).date()
+    earliest_day = earliest_day or date.fromisoformat(partitions_start_date())
     report = IngestReport()
     with connect() as con:
         warehouse = Warehouse(con)
@@ -206,14 +248,32 @@ def ingest_files(paths: list[Path], landing: Path, *, today: date | None = None,
             report.unreadable_records += int(staged["pre_reason"].notna().sum())
             if staged.empty:
                 continue
-            days = warehouse.landing_days_of(staged)
-            report.undated_records += sum(day is None for day in days)
-            staged["day"] = [day or today for day in days]
-            stem = re.sub(r"[^A-Za-z0-9._-]", "_", Path(path).stem)[:80] or "metrics"
-            for day, group in staged.groupby("day", sort=True):
-                content = ("\n".join(group["raw_line"]) + "\n").encode("utf-8")
+            lines, filed = [], []
+            for line, pre_reason, day in zip(staged["raw_line"], staged["pre_reason"],
+                                              warehouse.landing_days_of(staged), strict=True):
+                if day is None:
+                    report.undated_records += 1
+                    day = today
+                else:
+                    reason = outside_partitions(day, earliest_day=earliest_day, today=today)
+                    if reason is not None:
+                        report.out_of_range_records += 1
+                        if pd.isna(pre_reason):  # a rejected record keeps its own reason
+                            line = rejected_record(reason, line)
+                        day = today
+                if not line.strip(_BLANK):
+                    # "\ufeff " read as a first line: written as it reads, the line would be
+                    # blank in the archive, and loading skips blank lines.
+                    line = rejected_record("line is not valid JSON", line)
+                lines.append(line)
+                filed.append(day)
+            stem = landing_stem(path)
+            for day, group in pd.DataFrame({"day": filed, "line": lines}).groupby("day", sort=True):
+                content = ("\n".join(group["line"]) + "\n").encode("utf-8")
                 target = day_folder(landing, day) / f"{stem}-{checksum(content)[:16]}.jsonl"
-                if not target.exists():
+                if target.exists():
+                    report.records_already_landed += len(group)
+                else:
                     write_atomic(target, content)
                     report.files_written.append(target)
                 report.records_by_day[day] += len(group)

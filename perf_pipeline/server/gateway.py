@@ -18,7 +18,7 @@ import hashlib
 import threading
 from collections import defaultdict
 from dataclasses import dataclass, field
-from datetime import date, datetime, timedelta, timezone
+from datetime import date, datetime, timezone
 from pathlib import Path
 
 from starlette.concurrency import run_in_threadpool
@@ -27,7 +27,7 @@ from starlette.responses import JSONResponse
 
 from perf_pipeline.collect.files import write_atomic
 from perf_pipeline.ingest.formats import PARSERS, stage_bytes
-from perf_pipeline.ingest.landing import day_folder
+from perf_pipeline.ingest.landing import day_folder, outside_partitions
 from perf_pipeline.server.bodies import BodyTooLarge, read_limited
 from perf_pipeline.storage.warehouse import Warehouse, connect
 
@@ -48,8 +48,6 @@ FORMATS = {"jsonl": ".jsonl", "ndjson": ".jsonl", "json": ".json", "pytest-bench
 # Query parameters that fill a field each row lacks; commit and branch go into context_data.
 DEFAULT_FIELDS = ("node_id", "node_type", "test_type", "test_run_id", "ci_job_id", "timestamp")
 CONTEXT_FIELDS = ("commit", "branch")
-# Clocks on test nodes drift; a row further ahead than this is a bad clock, not a metric.
-FUTURE_TOLERANCE = timedelta(days=1)
 # Rejected rows echoed back in full; beyond this the answer gives only the count.
 MAX_REJECTED_LISTED = 1000
 MAX_RECORD_ECHO = 500
@@ -103,14 +101,12 @@ class MetricsGateway:
             return result
         with self._lock:
             checked = self._warehouse.check_records(staged)
-        latest = ((now or datetime.now(timezone.utc)) + FUTURE_TOLERANCE).date()
+        today = (now or datetime.now(timezone.utc)).date()
         by_day: dict[date, list[str]] = defaultdict(list)
         for (line, reason, day), raw in zip(checked, staged["raw_line"], strict=True):
-            if reason is None and day is not None and day > latest:
-                reason = f"timestamp is dated after {latest.isoformat()} (UTC), ahead of the gateway's clock"
-            if reason is None and day is not None and day < self.earliest_day:
-                reason = (f"timestamp is before the first daily partition, "
-                          f"{self.earliest_day.isoformat()} (PERF_PIPELINE_START_DATE)")
+            if reason is None and day is not None:
+                reason = outside_partitions(day, earliest_day=self.earliest_day, today=today,
+                                            clock="the gateway's clock")
             if reason is None:
                 by_day[day].append(raw)
             else:

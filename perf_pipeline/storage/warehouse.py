@@ -98,7 +98,12 @@ WITH decoded AS (
     FROM decoded
 ), fields AS (
     SELECT source_file, source_line, partition_day, record_type,
-        coalesce(pre_reason, {_json_string("j_" + REJECTED_KEY)}) AS pre_reason,
+        -- a record that holds the reserved field is quarantined with what it says, or, if
+        -- it says nothing (a client may send the field), with a reason of our own
+        coalesce(pre_reason, CASE WHEN j_{REJECTED_KEY} IS NOT NULL THEN coalesce(
+            CASE WHEN {_is_string("j_" + REJECTED_KEY)}
+                 THEN nullif(trim({_json_string("j_" + REJECTED_KEY)}), '') END,
+            'record holds the reserved field {REJECTED_KEY} without a reason') END) AS pre_reason,
         CASE {" ".join(f"WHEN NOT {_is_string('j_' + n)} THEN '{n}'" for n in _TEXT_FIELDS)}
             END AS non_string_field,
         CASE WHEN j_metric_value IS NULL OR {_is_string('j_metric_value')} THEN true

@@ -12,7 +12,7 @@ from pathlib import Path
 import duckdb
 import pytest
 
-from perf_pipeline.ingest.formats import PARSERS, stage_bytes
+from perf_pipeline.ingest.formats import MAX_DOCUMENT_ECHO, PARSERS, stage_bytes
 from perf_pipeline.ingest.landing import ingest_files
 from perf_pipeline_tests.conftest import metric_row
 
@@ -411,3 +411,16 @@ def test_every_format_is_listed_for_folder_scans(tmp_path):
     (tmp_path / "report.xml").write_bytes(SUREFIRE)
     assert _input_files([str(tmp_path)]) == [tmp_path / "report.xml"]
     assert set(PARSERS) == {".csv", ".json", ".jsonl", ".ndjson", ".xml"}
+
+
+def test_a_csv_the_reader_cannot_finish_keeps_the_rest_in_its_rejected_record():
+    rest = (f'2026-11-01T11:00:00Z,cpu_usage,{"9" * 200_000},node-01\n'
+            "2026-11-01T12:00:00Z,cpu_usage,6,node-01\n")
+    document = ("timestamp,metric_name,metric_value,node_id\n"
+                "2026-11-01T10:00:00Z,cpu_usage,5,node-01\n" + rest).encode()
+    staged = stage_bytes(document, suffix=".csv", source_file="big.csv")
+    assert list(staged["source_line"]) == [2, 3]
+    reason = staged["pre_reason"][1]
+    assert reason.startswith("CSV is malformed: field larger than field limit")
+    raw = json.loads(staged["raw_line"][1])["_raw"]
+    assert raw == f"{rest[:MAX_DOCUMENT_ECHO]}… ({len(rest):,} characters in all)"

@@ -313,3 +313,63 @@ def test_normalizing_a_range_gives_each_day_what_normalizing_it_alone_gives(path
     assert normalized(paths.database) == day_by_day
     points = {(row[0].date(), row[6], row[9]) for row in day_by_day[0] if row[6] == "late"}
     assert points == {(DAY, "late", 3.0), (date(2026, 11, 2), "late", 8.0)}
+
+
+def test_rows_dated_outside_the_daily_partitions_are_quarantined_under_the_ingest_day(
+        paths, tmp_path, monkeypatch):
+    """A row before the first partition or far ahead would land in a day folder that never
+    loads; ingest files it under the ingest day with the reason instead, as the gateway
+    refuses it (the same rule, landing.outside_partitions)."""
+    monkeypatch.setenv("PERF_PIPELINE_START_DATE", "2025-01-01")
+    dated = {"year 1": "0001-01-01T00:00:00Z", "1970": 0, "before the start": "2024-12-31T23:59:59Z",
+             "two days ahead": "2026-11-30T00:00:00Z", "year 9999": "9999-12-31T23:59:59Z",
+             "year 200000": "200000-01-01T00:00:00Z", "before Christ": "-0044-03-15T00:00:00Z"}
+    rows = [metric_row(stamp, run=name) for name, stamp in dated.items()]
+    rows.append(metric_row("2026-11-29T23:00:00Z", run="a day ahead"))  # within the tolerance
+    report = ingest_files([write_jsonl(tmp_path / "far.jsonl", rows)], paths.landing, today=TODAY)
+    assert report.out_of_range_records == len(dated)
+    assert report.records_by_day == {TODAY: len(dated), date(2026, 11, 29): 1}
+
+    counts, stored = _load_day(paths, TODAY)
+    assert counts.rows_read == counts.rows_quarantined == stored["rows_quarantined"] == len(dated)
+    with open_warehouse(paths.database) as wh:
+        by_run = {json.loads(json.loads(raw)["_raw"])["test_run_id"]: reason for raw, reason in
+                  wh.con.execute("SELECT raw_record, reason FROM quarantined_metrics").fetchall()}
+    ahead = "timestamp is dated after 2026-11-29 (UTC), ahead of the ingesting host's clock"
+    before = "timestamp is before the first daily partition, 2025-01-01 (PERF_PIPELINE_START_DATE)"
+    assert by_run == {"year 1": before, "1970": before, "before the start": before,
+                      "two days ahead": ahead, "year 9999": ahead,
+                      "year 200000": "timestamp's day 200000-01-01 is outside the years 1 to 9999",
+                      "before Christ": "timestamp's day 0045-03-15 (BC) is outside the years 1 to 9999"}
+    assert _load_day(paths, date(2026, 11, 29))[0].rows_loaded == 1
+
+
+def test_an_unreadable_record_dated_outside_the_partitions_keeps_its_own_reason(paths, tmp_path):
+    source = tmp_path / "wide.csv"
+    source.write_text("timestamp,metric_name,metric_value,node_id\n"
+                      "0001-01-01T00:00:00Z,cpu_usage,5,node-01,surplus\n")
+    report = ingest_files([source], paths.landing, today=TODAY)
+    assert report.out_of_range_records == report.unreadable_records == 1
+    counts, _ = _load_day(paths, TODAY)
+    assert counts.top_reasons == [("CSV row has more fields than the header", 1)]
+
+
+def test_a_first_line_of_only_a_byte_order_mark_and_blanks_is_still_one_record(paths, tmp_path):
+    source = tmp_path / "bom.jsonl"
+    source.write_bytes("\ufeff \t\n".encode() + json.dumps(metric_row("2026-11-01T10:00:00Z")).encode())
+    report = ingest_files([source], paths.landing, today=TODAY)
+    assert report.records_read == 2
+    assert _load_day(paths, TODAY)[0].top_reasons == [("line is not valid JSON", 1)]
+    assert _load_day(paths, DAY)[0].rows_loaded == 1
+
+
+def test_a_record_sending_the_reserved_rejected_field_without_a_reason_gets_one(paths, tmp_path):
+    good = metric_row("2026-11-01T10:00:00Z")
+    rows = [{**good, "_rejected": ""}, {**good, "_rejected": " "}, {**good, "_rejected": 5},
+            {**good, "_rejected": "sent as rejected"}, {**good, "_rejected": None},
+            {**good, "context_data": {"_rejected": ""}}]
+    ingest_files([write_jsonl(tmp_path / "reserved.jsonl", rows)], paths.landing, today=TODAY)
+    counts, _ = _load_day(paths, DAY)
+    assert (counts.rows_loaded, counts.rows_quarantined) == (2, 4)
+    assert dict(counts.top_reasons) == {"record holds the reserved field _rejected without a reason": 3,
+                                        "sent as rejected": 1}

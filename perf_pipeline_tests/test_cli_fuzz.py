@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 
 from perf_pipeline.cli import main
 from perf_pipeline.config import load_monitoring
+from perf_pipeline.storage.warehouse import FILTER_COLUMNS
 from perf_pipeline_tests.conftest import materialized_fleet
 
 END = datetime(2026, 11, 20, tzinfo=timezone.utc)
@@ -335,6 +336,38 @@ def test_a_database_that_is_not_duckdb_is_one_line_and_exit_1(tmp_path, monkeypa
         status, _, err = invoke(argv)
         check_answer(argv, status, "", err)
         assert status == 1 and "not a valid DuckDB database file" in err
+
+
+HOSTILE = set(INJECTIONS) | set(ODD_TEXT)
+FILTER_KEYS = st.one_of(st.sampled_from(FILTER_COLUMNS), st.sampled_from(INJECTIONS),
+                       st.sampled_from(("test_name; DROP TABLE x", "node_id OR 1=1", "1", "")))
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(test_filter=st.dictionaries(FILTER_KEYS, st.one_of(
+    ANY_TEXT, st.lists(st.sampled_from(INJECTIONS), min_size=1, max_size=3)), max_size=3))
+def test_the_python_clients_test_filter_keys_and_values_never_reach_sql(fleet, fault_tally, test_filter):
+    """`test_filter` of get_performance_trends and get_node_performance_comparison (the
+    seed's public API, local mode): an unknown key or a value that is no text is a
+    ValueError naming it; anything else is bound as a value and matches nothing hostile."""
+    from perf_pipeline.client import PerformanceTrends
+
+    client = PerformanceTrends(database=fleet.database)
+    known_keys = all(key in FILTER_COLUMNS for key in test_filter)
+    sent = [v for value in test_filter.values() for v in ([value] if isinstance(value, str) else value)]
+    hostile = bool(test_filter) and all(v in HOSTILE and "*" not in v for v in sent)
+    for ask in (lambda: client.get_performance_trends("test_execution_time", 7, test_filter),
+                lambda: client.get_node_performance_comparison("cpu_usage", test_filter)):
+        try:
+            answer = ask()
+        except ValueError as error:  # the client's own validation, never DuckDB's
+            assert not isinstance(error, duckdb.Error)
+            assert str(error).startswith(("cannot filter on", "filter ")), error
+            continue
+        assert known_keys, f"an unknown filter key was accepted: {test_filter}"
+        if hostile:  # bound as plain values: no test, node or type has these names
+            assert (answer["n_points"] if isinstance(answer, dict) else len(answer)) == 0
+    fault_tally.add("test_filter injection attempts")
 
 
 def test_nothing_the_fuzzing_ran_changed_the_warehouse(fleet):

@@ -1,12 +1,16 @@
 """Time from a metric file landing to the Slack message, with `dagster dev` running.
 
-`python -m perf_pipeline_tests.benchmarks.alert_latency [--samples N] [--nodes 20 --tests 50]`
+`python -m perf_pipeline_tests.benchmarks.alert_latency [--samples N] [--nodes 20 --tests 50]
+[--refresh job|automation]`
 prints one JSON line per sample and a summary. Each sample: a simulated fleet whose history
 before its first injected code step is loaded by `perf-pipeline run`; `dagster dev` starts
 (its daemon runs the sensors) with the Slack webhook pointing at a receiver on 127.0.0.1;
 the remaining days are dropped into the landing archive; the clock runs until the receiver
 gets the first alert. What it measures is the whole unattended path: landing sensor →
-ingest run → refresh sensor → alerting_job → alert sensor → Slack. Never asserts.
+landing_job (ingest, then the alerting refresh) → alert sensor → Slack; with `--refresh
+automation`, landing sensor → ingest run → automation condition sensor → a run of the
+alerting assets → alert sensor → Slack. Each sample also lists the runs launched after the
+files landed, with their creation, start and end, in seconds from the landing. Never asserts.
 """
 
 from __future__ import annotations
@@ -54,7 +58,13 @@ def _receiver() -> tuple[ThreadingHTTPServer, list[float]]:
     return server, arrivals
 
 
-def sample(seed: int, nodes: int, tests: int, timeout: float) -> dict:
+# What `dagster dev` loads: the project (landing_job: ingest and the alerting refresh in one
+# run), or the variant whose refresh is declarative automation (see automation_variant.py).
+REFRESH_MODULES = {"job": "perf_pipeline.definitions",
+                   "automation": "perf_pipeline_tests.benchmarks.automation_variant"}
+
+
+def sample(seed: int, nodes: int, tests: int, timeout: float, refresh: str = "job") -> dict:
     work = Path(tempfile.mkdtemp(prefix="alert-latency-"))
     server, arrivals = _receiver()
     env = {**os.environ, "PERF_PIPELINE_HOME": str(work / "home"),
@@ -77,7 +87,8 @@ def sample(seed: int, nodes: int, tests: int, timeout: float) -> dict:
         run_pipeline(paths, progress=lambda _: None)
         port = free_port()
         process = subprocess.Popen(
-            [str(Path(sys.executable).parent / "dagster"), "dev", "-p", str(port), "-h", "127.0.0.1"],
+            [str(Path(sys.executable).parent / "dagster"), "dev", "-m", REFRESH_MODULES[refresh],
+             "-p", str(port), "-h", "127.0.0.1"],
             cwd=ROOT, env={**env, "DAGSTER_HOME": str(paths.dagster_home)}, stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL, start_new_session=True)
         time.sleep(45)  # webserver and daemon up, sensors ticking on the loaded history
@@ -87,7 +98,7 @@ def sample(seed: int, nodes: int, tests: int, timeout: float) -> dict:
         while not arrivals and time.monotonic() - started < timeout:
             time.sleep(0.5)
         seconds = arrivals[0] - started if arrivals else None
-        return {"figure": "landing_to_slack_seconds", "seed": seed, "value": seconds,
+        return {"figure": "landing_to_slack_seconds", "refresh": refresh, "seed": seed, "value": seconds,
                 "days_landed": len(after), "timed_out": seconds is None,
                 "runs": _timeline(paths.dagster_home, wall_started)}
     finally:
@@ -127,14 +138,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--nodes", type=int, default=20)
     parser.add_argument("--tests", type=int, default=50)
     parser.add_argument("--timeout", type=float, default=600)
+    parser.add_argument("--refresh", choices=sorted(REFRESH_MODULES), default="job",
+                        help="how the alerting refresh follows an ingest (default: the project's)")
     args = parser.parse_args(argv)
     values = []
     for seed in range(1, args.samples + 1):
-        result = sample(seed, args.nodes, args.tests, args.timeout)
+        result = sample(seed, args.nodes, args.tests, args.timeout, args.refresh)
         print(json.dumps(result), flush=True)
         if result["value"] is not None:
             values.append(result["value"])
-    print(json.dumps({"figure": "landing_to_slack_median_seconds",
+    print(json.dumps({"figure": "landing_to_slack_median_seconds", "refresh": args.refresh,
                       "value": statistics.median(values) if values else None, "samples": len(values)}))
     return 0
 

@@ -282,7 +282,7 @@ def test_a_valid_alert_id_changes_that_alert_only(fleet):
     (["gate", "--run-id", "a\nb"], r"no measurements of run a\nb"),
     (["gate", "--run-id", "x", "--baseline-days", "99999999999999999"], "--baseline-days must be at most"),
     (["select-nodes", "--max-risk", "nan"], "--max-risk must be a number from 0 to 100"),
-    (["alerts", "mute", "--test", "x", "--until", "0001-01-01T00:00:00+14:00"], "mutes.0.until: until is out of range"),
+    (["alerts", "mute", "--test", "x", "--until", "0001-01-01T00:00:00+14:00"], "until is out of range"),
     (["ingest", "a\x1b[2Jb"], r"a\x1b[2Jb: no such file or folder"),
     (["ingest", ""], "an empty path names no file or folder"),
     (["gate", "--run-id", "x", "--ingest", ""], "an empty path names no file or folder"),

@@ -10,7 +10,6 @@ import base64
 import json
 import logging
 import ssl
-import subprocess
 import urllib.parse
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -91,17 +90,6 @@ class Search:
         for state in instance.all_instigator_state():
             for tick in instance.get_ticks(state.instigator_origin_id, state.selector_id):
                 self.text(f"tick of {state.instigator_name}", dg.serialize_value(tick))
-
-
-@pytest.fixture(scope="module")
-def certificate(tmp_path_factory):
-    """A self-signed certificate for 127.0.0.1 (openssl CLI, an EC key: fast)."""
-    folder = tmp_path_factory.mktemp("tls")
-    cert, key = folder / "cert.pem", folder / "key.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
-                    "-nodes", "-keyout", str(key), "-out", str(cert), "-days", "1", "-subj", "/CN=127.0.0.1",
-                    "-addext", "subjectAltName=IP:127.0.0.1"], check=True, capture_output=True)
-    return cert, key
 
 
 @pytest.fixture

@@ -11,7 +11,6 @@ import email.policy
 import json
 import logging
 import ssl
-import subprocess
 from datetime import datetime, timezone
 
 import pytest
@@ -237,17 +236,6 @@ def authenticate(server, session, envelope, mechanism, auth_data) -> AuthResult:
     accepted = isinstance(auth_data, LoginPassword) and (auth_data.login, auth_data.password) == (
         SMTP_USER.encode(), SMTP_PASSWORD.encode())
     return AuthResult(success=accepted, handled=False)  # handled=False: the server sends the 535
-
-
-@pytest.fixture(scope="module")
-def certificate(tmp_path_factory):
-    """A self-signed certificate for 127.0.0.1, made with the openssl CLI (an EC key: fast)."""
-    folder = tmp_path_factory.mktemp("tls")
-    cert, key = folder / "cert.pem", folder / "key.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
-                    "-nodes", "-keyout", str(key), "-out", str(cert), "-days", "1", "-subj", "/CN=127.0.0.1",
-                    "-addext", "subjectAltName=IP:127.0.0.1"], check=True, capture_output=True)
-    return cert, key
 
 
 @pytest.fixture

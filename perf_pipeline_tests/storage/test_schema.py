@@ -49,16 +49,22 @@ def test_catalog_tables_mirror_the_code(tmp_path):
     assert counts == (len(catalog.METRICS), len(catalog.alias_rows()))
 
 
+def _holding(script: str, *args: str) -> subprocess.Popen:
+    """Another process running `script`, once it has said it holds the database."""
+    holder = subprocess.Popen([sys.executable, "-c", script, *args], stdout=subprocess.PIPE, text=True)
+    if holder.stdout.readline().strip() != "held":
+        holder.kill()
+        raise AssertionError("the other process never held the database")
+    return holder
+
+
 def test_a_writer_in_another_process_gives_a_clear_error(tmp_path):
     database = tmp_path / "perf.duckdb"
     with open_warehouse(database):
         pass
-    holder = subprocess.Popen(
-        [sys.executable, "-c", "import duckdb, sys, time; c = duckdb.connect(sys.argv[1]); "
-         "print('held', flush=True); time.sleep(60)", str(database)],
-        stdout=subprocess.PIPE, text=True)
+    holder = _holding("import duckdb, sys, time; c = duckdb.connect(sys.argv[1]); "
+                      "print('held', flush=True); time.sleep(60)", str(database))
     try:
-        assert holder.stdout.readline().strip() == "held"
         with pytest.raises(WarehouseLockedError, match="in use by another process"):
             with open_warehouse(database):
                 pass
@@ -86,10 +92,8 @@ def test_a_writer_that_finds_the_lock_taken_fails_at_once_or_waits_its_turn(tmp_
     from perf_pipeline.defs.resources import WarehouseResource
 
     database = tmp_path / "perf.duckdb"
-    holder = subprocess.Popen([sys.executable, "-c", HOLD_WRITER, str(database), "3"],
-                              stdout=subprocess.PIPE, text=True)
+    holder = _holding(HOLD_WRITER, str(database), "3")
     try:
-        assert holder.stdout.readline().strip() == "held"
         with pytest.raises(WarehouseLockedError, match="in use by another process"):
             with open_warehouse(database):
                 pass
@@ -100,9 +104,7 @@ def test_a_writer_that_finds_the_lock_taken_fails_at_once_or_waits_its_turn(tmp_
         assert holder.stdout.read().strip() == "released"
 
         # A bounded wait ends with the same clear error.
-        holder = subprocess.Popen([sys.executable, "-c", HOLD_WRITER, str(database), "30"],
-                                  stdout=subprocess.PIPE, text=True)
-        assert holder.stdout.readline().strip() == "held"
+        holder = _holding(HOLD_WRITER, str(database), "30")
         impatient = WarehouseResource(database=str(database), landing_dir=str(tmp_path),
                                       lock_timeout_seconds=0.5)
         with pytest.raises(WarehouseLockedError, match=r"waited \d+ s for its writer lock"):

@@ -251,20 +251,26 @@ def _reference_load(paths, tmp_path, days: list[date]) -> tuple[dict, float]:
     return _snapshot(database, days), seconds
 
 
-def _is_held(lock: FileLock) -> bool:
+def _is_held(lock_file: Path) -> bool:
+    """Whether some process holds `lock_file` (a filelock, i.e. flock), read from /proc/locks.
+    Not by trying to take it: a probe that held it for an instant made the very run it waited
+    for fail, when the run's own fail-fast check came at that instant."""
     try:
-        lock.acquire(timeout=0)
-    except Timeout:
-        return True
-    lock.release()
-    return False
+        status = lock_file.stat()
+    except FileNotFoundError:
+        return False
+    where = f"{os.major(status.st_dev):02x}:{os.minor(status.st_dev):02x}:{status.st_ino}"
+    with open("/proc/locks") as locks:
+        return any(line.split()[1] == "FLOCK" and where in line.split() for line in locks)
 
 
-def _wait_for_writer(process: subprocess.Popen, lock: FileLock, timeout: float = 180) -> None:
+def _wait_for_writer(process: subprocess.Popen, lock_file: Path, timeout: float = 180) -> None:
     """Block until `process` takes the database's writer lock (its first write starts)."""
     deadline = time.monotonic() + timeout
-    while not _is_held(lock):
-        assert process.poll() is None, "the run ended before it wrote"
+    while not _is_held(lock_file):
+        if process.poll() is not None:
+            raise AssertionError(f"the run ended (exit {process.returncode}) before it wrote:\n"
+                                 f"{process.stdout.read()}")
         assert time.monotonic() < deadline, "the run never took the writer lock"
         time.sleep(0.005)
 
@@ -292,7 +298,7 @@ def test_a_run_killed_mid_load_keeps_whole_days_and_a_rerun_stores_exactly_the_r
     days = _fleet_landing(paths, tmp_path)
     reference, load_seconds = _reference_load(paths, tmp_path, days)
     assert reference["quarantine"] and reference["duplicates"] == 0
-    lock = FileLock(f"{paths.database}.writer.lock")
+    lock = Path(f"{paths.database}.writer.lock")
 
     rng = random.Random(SEED)
     wal_left, uncommitted = 0, 0
@@ -329,7 +335,7 @@ def test_a_run_killed_mid_load_keeps_whole_days_and_a_rerun_stores_exactly_the_r
 def test_a_run_after_a_killed_run_is_not_held_up_by_the_killed_runs_pool_slot(
         paths, tmp_path, fault_tally):
     _fleet_landing(paths, tmp_path)
-    lock = FileLock(f"{paths.database}.writer.lock")
+    lock = Path(f"{paths.database}.writer.lock")
     process = _start("run")
     _wait_for_writer(process, lock)  # raw_metrics holds the pool slot and the writer lock
     _sigkill(process)
@@ -349,10 +355,11 @@ def test_a_run_killed_between_raw_metrics_and_normalized_timeseries_is_finished_
         paths, tmp_path, fault_tally):
     days = _fleet_landing(paths, tmp_path)
     reference, _ = _reference_load(paths, tmp_path, days)
-    lock = FileLock(f"{paths.database}.writer.lock")
+    lock_file = Path(f"{paths.database}.writer.lock")
 
     process = _start("run")
-    _wait_for_writer(process, lock)
+    _wait_for_writer(process, lock_file)
+    lock = FileLock(lock_file)
     # Taking the lock as soon as raw_metrics lets go holds normalized_timeseries back: the
     # kill lands after the raw rows committed and before their series are built.
     while True:

@@ -183,7 +183,7 @@ def _rows(points: pd.DataFrame, categories: dict[str, list[str]],
     hour = ((hours - start) // pd.Timedelta(hours=1)).to_numpy(dtype=np.int64)
     series_codes, series_names = pd.factorize(frame["series"].astype(str), sort=True)
     codes = np.column_stack(
-        [pd.Categorical(_clean_context(frame[c]), categories=cats).codes.astype(np.int32)
+        [pd.Index(cats).get_indexer(_clean_context(frame[c])).astype(np.int32)  # -1: unseen
          for c, cats in categories.items()]) if categories else np.empty((len(frame), 0), np.int32)
     value = frame["value"].to_numpy(float)
     # By hour, then series, context and value: the sampled training rows, and so the model,

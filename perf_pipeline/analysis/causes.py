@@ -26,7 +26,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from perf_pipeline.analysis.regressions import plausible_start
+from perf_pipeline.analysis.regressions import plausible_start, test_rows
 
 CAUSE_COLUMNS = ["incident_id", "rank", "cause_type", "cause", "score", "evidence"]
 # A context value is new when it was on at most this share of the runs before the change.
@@ -48,9 +48,8 @@ class _SeriesIndex:
 
     def __init__(self, series: pd.DataFrame):
         scopes = {scope: frame for scope, frame in series.groupby("scope", sort=False)}
-        self.tests, self.nodes, self.overall = (scopes.get(scope, series.iloc[:0])
-                                                for scope in ("test", "node", "overall"))
-        self.test_rows = self.tests.groupby(["metric_name", "test_name"], sort=False).indices
+        self.nodes, self.overall = (scopes.get(scope, series.iloc[:0]) for scope in ("node", "overall"))
+        self.tests, self.test_rows = test_rows(series)
         self.node_rows = self.nodes.groupby("node_id", sort=False).indices
 
     def points(self, incident, members: pd.DataFrame) -> pd.DataFrame:
@@ -134,11 +133,11 @@ def _context_causes(points: pd.DataFrame, at: pd.Timestamp, contexts: pd.DataFra
     return causes
 
 
-def _commit_cause(points: pd.DataFrame, members: pd.DataFrame, series: pd.DataFrame,
+def _commit_cause(points: pd.DataFrame, members: pd.DataFrame, index: _SeriesIndex,
                   node_spread: tuple[list, list]) -> dict | None:
     """The commits to bisect: from the last run before the earliest plausible start of the
     change to the latest plausible first changed run."""
-    earliest, latest = plausible_start(members, series)
+    earliest, latest = plausible_start(members, index.tests, rows=(index.tests, index.test_rows))
     runs = points.dropna(subset=["test_run_id"]).sort_values("timestamp").drop_duplicates("test_run_id")
     before, after = runs[runs["timestamp"] < earliest], runs[runs["timestamp"] >= latest]
     if before.empty or after.empty:
@@ -233,7 +232,7 @@ def suspected_causes(incidents: pd.DataFrame, changes: pd.DataFrame, series: pd.
         causes = _context_causes(points, at, contexts)
         if incident.attribution == "code_change":
             node_spread = _spread(points, at, "run_node_id", magnitude)
-            causes += [_commit_cause(points, members, index.tests, node_spread),
+            causes += [_commit_cause(points, members, index, node_spread),
                        _single_node_cause(node_spread)]
         elif incident.attribution == "node_problem":
             causes.append(_node_problem_cause(incident, index.tests, at, magnitude))

@@ -269,12 +269,18 @@ def series_change_points(series: pd.DataFrame, *,
 PLAUSIBLE_COST = 3.0
 
 
-def _boundary_costs(members: pd.DataFrame, series: pd.DataFrame, reach: int
+def test_rows(series: pd.DataFrame) -> tuple[pd.DataFrame, dict]:
+    """(the per-test series' rows, where each (metric, test)'s rows are among them): found
+    once for all incidents, not by comparing every row's names again for each."""
+    tests = series[series["scope"] == "test"]
+    return tests, tests.groupby(["metric_name", "test_name"], sort=False).indices
+
+
+def _boundary_costs(members: pd.DataFrame, rows: tuple[pd.DataFrame, dict], reach: int
                     ) -> tuple[pd.DataFrame, pd.Series, float]:
     """(the member series' points, the joint cost of each candidate boundary, the noise's
-    mean absolute deviation at the best boundary)."""
-    tests = series[series["scope"] == "test"]
-    positions = tests.groupby(["metric_name", "test_name"], sort=False).indices
+    mean absolute deviation at the best boundary); `rows` from `test_rows`."""
+    tests, positions = rows
     empty = np.array([], dtype=int)
     frames = [tests.iloc[positions.get((metric, test), empty)].sort_values("timestamp")
               for metric, test in zip(members["metric_name"], members["test_name"])]
@@ -300,22 +306,26 @@ def _boundary_costs(members: pd.DataFrame, series: pd.DataFrame, reach: int
     return pd.concat(frames), costs, spread
 
 
-def common_run(members: pd.DataFrame, series: pd.DataFrame, *, reach: int = 6) -> pd.Series:
+def common_run(members: pd.DataFrame, series: pd.DataFrame, *, reach: int = 6,
+               rows: tuple[pd.DataFrame, dict] | None = None) -> pd.Series:
     """The run where a code change most likely starts for all its tests at once.
 
     Each test alone can mislocate a step by a run or two when noisy runs sit next to it;
     a code change starts at the same run for all of them, so the boundary is chosen to
-    minimise the summed absolute deviations (log levels) of every member series."""
-    points, costs, _ = _boundary_costs(members, series, reach)
+    minimise the summed absolute deviations (log levels) of every member series. `rows`:
+    `test_rows(series)`, when the caller has it."""
+    points, costs, _ = _boundary_costs(members, rows or test_rows(series), reach)
     boundary = costs.idxmin() if len(costs) and np.isfinite(costs.min()) else members["timestamp"].min()
     return points[points["timestamp"] >= boundary].sort_values("timestamp").iloc[0]
 
 
-def plausible_start(members: pd.DataFrame, series: pd.DataFrame, *, reach: int = 6
+def plausible_start(members: pd.DataFrame, series: pd.DataFrame, *, reach: int = 6,
+                    rows: tuple[pd.DataFrame, dict] | None = None
                     ) -> tuple[pd.Timestamp, pd.Timestamp]:
     """The earliest and latest first run of a code change that the data cannot tell apart
-    from the best one (joint cost within PLAUSIBLE_COST mean absolute deviations)."""
-    _, costs, spread = _boundary_costs(members, series, reach)
+    from the best one (joint cost within PLAUSIBLE_COST mean absolute deviations). `rows`:
+    `test_rows(series)`, when the caller has it."""
+    _, costs, spread = _boundary_costs(members, rows or test_rows(series), reach)
     finite = costs[np.isfinite(costs)]
     if finite.empty:
         at = members["timestamp"].min()
@@ -329,8 +339,8 @@ def rows_of_series(series: pd.DataFrame, changes: pd.DataFrame) -> pd.DataFrame:
     and node; a missing test or node matches a missing one), in their order."""
     keys = ["scope", "metric_name", "test_name", "node_id"]
     candidates = series[series["metric_name"].isin(changes["metric_name"].unique())]
-    wanted = set(changes[keys].fillna("").itertuples(index=False, name=None))
-    return candidates[[key in wanted for key in candidates[keys].fillna("").itertuples(index=False, name=None)]]
+    wanted = pd.MultiIndex.from_frame(changes[keys].astype(object).fillna(""))
+    return candidates[pd.MultiIndex.from_frame(candidates[keys].astype(object).fillna("")).isin(wanted)]
 
 
 def changes_in_effect(changes: pd.DataFrame,
@@ -360,12 +370,12 @@ def group_incidents(changes: pd.DataFrame, series: pd.DataFrame | None = None, *
     changes["incident_id"] = pd.Series(dtype=object)
     incidents = []
     # the per-test rows once, not a scan of every row per incident (common_run uses no others)
-    tests = series[series["scope"] == "test"] if series is not None else None
+    rows = test_rows(series) if series is not None else None
 
     def add(members: pd.DataFrame, attribution: str) -> None:
         first = members.sort_values("timestamp").iloc[0].copy()
-        if attribution == "code_change" and tests is not None:
-            start = common_run(members, tests)
+        if attribution == "code_change" and rows is not None:
+            start = common_run(members, series, rows=rows)
             first["timestamp"], first["first_test_run_id"] = start["timestamp"], start["test_run_id"]
             first["first_commit"] = start["commit_sha"]
         magnitudes = members["magnitude_percent"].dropna()

@@ -174,9 +174,11 @@ def _trend_candidates(trends: pd.DataFrame, covered_nodes: set[str], covered_met
     if trends.empty:
         return []
     worse = trends[trends["is_significant"] & (trends["trend_direction"] == "degrading")]
+    # astype: a map over no rows keeps the names' text dtype, which (Arrow-backed, as
+    # pandas 3 keeps text when pyarrow is installed) refuses to be compared with numbers
     worse = worse[worse["metric_name"].map(settings.tracks).astype(bool)
                   & (worse["change_over_window_percent"].abs()
-                     >= worse["metric_name"].map(settings.threshold_percent))]
+                     >= worse["metric_name"].map(settings.threshold_percent).astype(float))]
     out = []
     for (scope, test, node), group in worse.groupby(["scope", "test_name", "node_id"], dropna=False):
         node = node if isinstance(node, str) else None

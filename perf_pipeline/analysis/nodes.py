@@ -171,7 +171,7 @@ def _overall(parts: pd.DataFrame) -> pd.DataFrame:
     parts = parts[~parts["metric_name"].isin(CAPACITY_METRICS)]
     weights = parts["metric_name"].map(
         lambda m: IMPORTANCE_WEIGHTS["high"] if m == STABILITY
-        else IMPORTANCE_WEIGHTS[get_metric(m).importance])
+        else IMPORTANCE_WEIGHTS[get_metric(m).importance]).astype(float)  # float when empty too
     weighted = parts.assign(w=weights, ws=weights * parts["score"])
     grouped = weighted.groupby("node_id")
     score = grouped["ws"].sum() / grouped["w"].sum()

@@ -353,7 +353,7 @@ def changes_in_effect(changes: pd.DataFrame,
     threshold_percent = threshold_percent or (lambda m: get_metric(m).alert_threshold_percent)
     keys = ["scope", "metric_name", "test_name", "node_id"]
     latest = changes.sort_values("timestamp").groupby(keys, dropna=False).tail(1)
-    threshold = latest["metric_name"].map(threshold_percent)
+    threshold = latest["metric_name"].map(threshold_percent).astype(float)
     return latest[(latest["kind"] == "regression") & (latest["magnitude_percent"].abs() >= threshold)]
 
 
@@ -424,7 +424,7 @@ def attribution_share(incidents: pd.DataFrame, truth: dict, *,
         near = incidents[(incidents["timestamp"] - at).abs() <= tolerance]
         if injection["kind"] == "step":
             hit = near[(near["attribution"] == "code_change")
-                       & near["tests"].map(lambda tests: bool(set(tests) & set(injection["test_names"])))]
+                       & near["tests"].map(lambda tests: bool(set(tests) & set(injection["test_names"]))).astype(bool)]
         else:
             hit = near[(near["attribution"] == "node_problem") & (near["node_id"] == injection["node_id"])]
         correct += int(len(hit) > 0)

@@ -260,8 +260,9 @@ def _is_held(lock_file: Path) -> bool:
     except FileNotFoundError:
         return False
     where = f"{os.major(status.st_dev):02x}:{os.minor(status.st_dev):02x}:{status.st_ino}"
-    with open("/proc/locks") as locks:
-        return any(line.split()[1] == "FLOCK" and where in line.split() for line in locks)
+    with open("/proc/locks") as locks:  # "1: FLOCK  ADVISORY  WRITE <pid> <dev:inode> 0 EOF"
+        return any(fields[1] == "FLOCK" and where in fields
+                   for fields in (line.split() for line in locks))
 
 
 def _wait_for_writer(process: subprocess.Popen, lock_file: Path, timeout: float = 180) -> None:
@@ -298,7 +299,7 @@ def test_a_run_killed_mid_load_keeps_whole_days_and_a_rerun_stores_exactly_the_r
     days = _fleet_landing(paths, tmp_path)
     reference, load_seconds = _reference_load(paths, tmp_path, days)
     assert reference["quarantine"] and reference["duplicates"] == 0
-    lock = Path(f"{paths.database}.writer.lock")
+    lock_file = Path(f"{paths.database}.writer.lock")
 
     rng = random.Random(SEED)
     wal_left, uncommitted = 0, 0
@@ -307,7 +308,7 @@ def test_a_run_killed_mid_load_keeps_whole_days_and_a_rerun_stores_exactly_the_r
     # its transaction, or just after the commit.
     for _ in range(3):
         process = _start("run")
-        _wait_for_writer(process, lock)
+        _wait_for_writer(process, lock_file)
         time.sleep(rng.uniform(0.0, 1.5 * load_seconds))
         _sigkill(process)
         wal_left += Path(f"{paths.database}.wal").exists()
@@ -335,9 +336,9 @@ def test_a_run_killed_mid_load_keeps_whole_days_and_a_rerun_stores_exactly_the_r
 def test_a_run_after_a_killed_run_is_not_held_up_by_the_killed_runs_pool_slot(
         paths, tmp_path, fault_tally):
     _fleet_landing(paths, tmp_path)
-    lock = Path(f"{paths.database}.writer.lock")
+    lock_file = Path(f"{paths.database}.writer.lock")
     process = _start("run")
-    _wait_for_writer(process, lock)  # raw_metrics holds the pool slot and the writer lock
+    _wait_for_writer(process, lock_file)  # raw_metrics holds the pool slot and the writer lock
     _sigkill(process)
     fault_tally.add("processes killed", 1)
 

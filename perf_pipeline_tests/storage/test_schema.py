@@ -49,6 +49,33 @@ def test_catalog_tables_mirror_the_code(tmp_path):
     assert counts == (len(catalog.METRICS), len(catalog.alias_rows()))
 
 
+def test_the_catalog_mirror_follows_the_code_when_it_changes(tmp_path, monkeypatch):
+    """An open leaves a matching mirror alone and rewrites one that differs from the code:
+    edited in the database, or changed in the code (a new release's thresholds)."""
+    import dataclasses
+
+    from perf_pipeline import catalog
+
+    database = tmp_path / "perf.duckdb"
+    with open_warehouse(database) as wh:
+        wh.con.execute("UPDATE metric_catalog SET alert_threshold_percent = 99 "
+                       "WHERE metric_name = 'build_time'")
+        wh.con.execute("DELETE FROM metric_aliases WHERE alias = 'build_time'")
+    with open_warehouse(database) as wh:
+        threshold, = wh.con.execute("SELECT alert_threshold_percent FROM metric_catalog "
+                                    "WHERE metric_name = 'build_time'").fetchall()[0]
+        aliases = wh.con.execute("SELECT count(*) FROM metric_aliases").fetchall()[0][0]
+    assert threshold == catalog.get_metric("build_time").alert_threshold_percent != 99
+    assert aliases == len(catalog.alias_rows())
+
+    changed = [dataclasses.replace(m, alert_threshold_percent=42.0) if m.name == "build_time" else m
+               for m in catalog.METRICS]
+    monkeypatch.setattr(catalog, "METRICS", changed)
+    with open_warehouse(database) as wh:
+        assert wh.con.execute("SELECT alert_threshold_percent FROM metric_catalog "
+                              "WHERE metric_name = 'build_time'").fetchall() == [(42.0,)]
+
+
 def _holding(script: str, *args: str) -> subprocess.Popen:
     """Another process running `script`, once it has said it holds the database."""
     holder = subprocess.Popen([sys.executable, "-c", script, *args], stdout=subprocess.PIPE, text=True)

@@ -52,6 +52,7 @@ def build_series(points: pd.DataFrame) -> pd.DataFrame:
     level relative to its run's `run_factor`; a node's net of its own load), which
     cancels load that the fleet or the node shares with its peers.
     """
+    points = as_categories(points)
     points = points.assign(run_node_id=points["node_id"])
     per_test = points[points["metric_scope"] == "test"]
     # names as integer codes, found once: grouping by text columns factorized them again
@@ -78,18 +79,48 @@ def build_series(points: pd.DataFrame) -> pd.DataFrame:
     by_run = (relative / speed).groupby([metric, run])
     run_speed = by_run.transform("median").where(by_run.transform("count") >= MIN_RUN_TESTS)
     node_level = relative / run_level.where(run_level > 0).fillna(1.0)
+    per_node = points[points["metric_scope"] == "node"]
+    per_run = points[points["metric_scope"] == "run"]
     frames = [
-        per_test.assign(scope="test", node_id=None, level=per_test["value"] / speed,
-                        run_factor=run_speed,
+        per_test.assign(scope=_same(SCOPES, "test", per_test), node_id=_missing(points["node_id"], per_test),
+                        level=per_test["value"] / speed, run_factor=run_speed,
                         shift_level=per_test["value"] / speed / run_speed.where(run_speed > 0).fillna(1.0)),
-        per_test.assign(scope="node", test_name=None, level=node_level,
+        per_test.assign(scope=_same(SCOPES, "node", per_test), test_name=_missing(points["test_name"], per_test),
+                        level=node_level,
                         shift_level=node_level / _load_factor(per_test, node_level, points))
         .dropna(subset=["level"]),
-        points[points["metric_scope"] == "node"].assign(scope="node", level=lambda f: f["value"]),
-        points[points["metric_scope"] == "run"].assign(scope="overall", test_name=None, node_id=None,
-                                                      level=lambda f: f["value"]),
+        per_node.assign(scope=_same(SCOPES, "node", per_node), level=per_node["value"]),
+        per_run.assign(scope=_same(SCOPES, "overall", per_run), test_name=_missing(points["test_name"], per_run),
+                       node_id=_missing(points["node_id"], per_run), level=per_run["value"]),
     ]
     return pd.concat(frames, ignore_index=True)
+
+
+# The names of points and series: categories (integer codes into the sorted names) rather
+# than text. Every analysis filters and regroups the window's series, and each filter of
+# text copied every string: at M the series took 421 MB as text and 60 MB as categories,
+# and build_series 1.6 s instead of 0.6 s. Categories sort and group as their text does.
+NAME_COLUMNS = ("metric_name", "test_name", "test_type", "node_id", "node_type", "test_run_id",
+                "ci_job_id", "commit_sha", "metric_scope", "direction")
+SCOPES = pd.CategoricalDtype(["node", "overall", "test"])
+
+
+def as_categories(points: pd.DataFrame) -> pd.DataFrame:
+    """`points` with its NAME_COLUMNS as categories (those that are not already)."""
+    return points.astype({column: "category" for column in NAME_COLUMNS
+                          if column in points and not isinstance(points[column].dtype, pd.CategoricalDtype)})
+
+
+def _same(dtype: pd.CategoricalDtype, value: str, rows: pd.DataFrame) -> pd.Categorical:
+    """`value` for every row of `rows`, as a category of `dtype`."""
+    return pd.Categorical.from_codes(np.full(len(rows), dtype.categories.get_loc(value), dtype=np.int8),
+                                     dtype=dtype)
+
+
+def _missing(column: pd.Series, rows: pd.DataFrame) -> pd.Categorical:
+    """A missing name for every row of `rows`, of `column`'s categories (so that frames
+    concatenated with `column` keep them)."""
+    return pd.Categorical.from_codes(np.full(len(rows), -1, dtype=np.int8), dtype=column.dtype)
 
 
 def _codes(names: pd.Series) -> pd.Series:

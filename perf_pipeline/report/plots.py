@@ -210,7 +210,7 @@ def _of_series(frame: pd.DataFrame, row) -> pd.DataFrame:
     for key in _KEYS:
         wanted = getattr(row, key)
         wanted = wanted if isinstance(wanted, str) else ""
-        mask &= frame[key].fillna("") == wanted
+        mask &= frame[key].astype(object).fillna("") == wanted  # names may be categories
     return frame[mask]
 
 
@@ -249,8 +249,9 @@ def _worst_regressions(changes: pd.DataFrame, series: pd.DataFrame, limit: int) 
     regressions = changes[changes["kind"] == "regression"]
     if regressions.empty or series.empty:
         return regressions
-    present = set(series[_KEYS].fillna("").drop_duplicates().itertuples(index=False, name=None))
-    keys = regressions[_KEYS].fillna("").itertuples(index=False, name=None)
+    present = set(series[_KEYS].drop_duplicates().astype(object).fillna("")
+                  .itertuples(index=False, name=None))
+    keys = regressions[_KEYS].astype(object).fillna("").itertuples(index=False, name=None)
     drawable = regressions[[key in present for key in keys]]
     order = drawable["magnitude_percent"].abs().fillna(0).sort_values(ascending=False).index
     return drawable.loc[order[:limit]]

@@ -130,3 +130,21 @@ def test_series_are_judged_in_time_order_whatever_the_row_order():
     shuffled = series.sample(frac=1.0, random_state=0)
     assert len(found) > 0
     pd.testing.assert_frame_equal(series_change_points(shuffled), found)
+
+
+def test_series_names_are_categories_that_keep_the_text_and_its_order():
+    """build_series gives names as categories (sorted, as text sorts) and, whether the
+    points come as text or as categories, the same values, with missing names missing."""
+    points = _fleet(4)
+    series = build_series(points)
+    for column in ("scope", "metric_name", "test_name", "node_id", "run_node_id", "test_run_id"):
+        dtype = series[column].dtype
+        assert isinstance(dtype, pd.CategoricalDtype), column
+        assert list(dtype.categories) == sorted(dtype.categories), column
+    as_text = series.astype({c: object for c in series.columns if isinstance(series[c].dtype, pd.CategoricalDtype)})
+    assert set(as_text["scope"]) == {"test", "node"}  # this fleet has no per-run metric
+    tests = as_text[as_text["scope"] == "test"]
+    assert tests["node_id"].isna().all() and tests["test_name"].notna().all()
+    assert as_text.loc[as_text["scope"] == "node", "node_id"].notna().all()
+    from_categories = build_series(points.astype({"metric_name": "category", "node_id": "category"}))
+    pd.testing.assert_frame_equal(from_categories, series)

@@ -156,16 +156,18 @@ def _load_factor(per_test: pd.DataFrame, node_level: pd.Series, points: pd.DataF
                           on="timestamp", by="node_id", direction="nearest",
                           tolerance=pd.Timedelta(hours=1)).dropna(subset=["excess"])
 
-    def slope(group: pd.DataFrame) -> float:
-        x = group["excess"] - group["excess"].mean()
-        denominator = float((x**2).sum())
-        return float((x * (group["log_level"] - group["log_level"].mean())).sum() / denominator) \
-            if len(group) >= MIN_LOAD_POINTS and denominator > 0 else np.nan
-
-    for metric, group in frame.groupby("metric_name"):
-        slopes = group.groupby("node_id")[["excess", "log_level"]].apply(slope).dropna()
-        if len(slopes):
-            factor[group["row"].to_numpy()] = np.exp(float(slopes.median()) * group["excess"].to_numpy())
+    # each (metric, node)'s least-squares slope from grouped sums, not a function per group
+    by_node = frame.groupby(["metric_name", "node_id"])
+    x = frame["excess"] - by_node["excess"].transform("mean")
+    y = frame["log_level"] - by_node["log_level"].transform("mean")
+    sums = pd.DataFrame({"xy": x * y, "xx": x * x}).groupby(
+        [frame["metric_name"], frame["node_id"]]).agg(["sum", "count"])
+    enough = (sums[("xx", "count")] >= MIN_LOAD_POINTS) & (sums[("xx", "sum")] > 0)
+    slopes = (sums[("xy", "sum")] / sums[("xx", "sum")])[enough]
+    metric_slope = slopes.groupby(level="metric_name").median()
+    slope = frame["metric_name"].map(metric_slope).astype(float)
+    sloped = slope.notna().to_numpy()
+    factor[frame["row"].to_numpy()[sloped]] = np.exp(slope.to_numpy()[sloped] * frame["excess"].to_numpy()[sloped])
     return factor
 
 

@@ -50,10 +50,11 @@ def median_polish(cells: pd.DataFrame) -> tuple[pd.Series, pd.Series]:
     test_effect = frame.groupby("test_name")["value"].median()
     node_effect = pd.Series(0.0, index=pd.Index(frame["node_id"].unique(), name="node_id"))
     for _ in range(_POLISH_ITERATIONS):
-        residual = frame["value"] - frame["test_name"].map(test_effect)
+        # names may be categories, whose map gives categories: the effects as floats
+        residual = frame["value"] - frame["test_name"].map(test_effect).astype(float)
         node_effect = residual.groupby(frame["node_id"]).median()
         node_effect -= node_effect.median()
-        residual = frame["value"] - frame["node_id"].map(node_effect)
+        residual = frame["value"] - frame["node_id"].map(node_effect).astype(float)
         test_effect = residual.groupby(frame["test_name"]).median()
     return test_effect, node_effect
 
@@ -80,8 +81,8 @@ def _test_metric_scores(metric: str, points: pd.DataFrame) -> pd.DataFrame:
     logs = points.assign(value=np.log(points["value"]))
     cells = logs.groupby(["test_name", "node_id"], as_index=False)["value"].median()
     test_effect, node_effect = median_polish(cells)
-    residual = (logs["value"] - logs["test_name"].map(test_effect)
-                - logs["node_id"].map(node_effect))
+    residual = (logs["value"] - logs["test_name"].map(test_effect).astype(float)
+                - logs["node_id"].map(node_effect).astype(float))
     noise = residual.abs().groupby(logs["node_id"]).median() * MAD_TO_SIGMA
     counts = logs.groupby("node_id").agg(n_points=("value", "size"), n_tests=("test_name", "nunique"))
     sign = get_metric(metric).degrading_sign

@@ -19,6 +19,7 @@ import pandas as pd
 
 from perf_pipeline.analysis.change_points import DEFAULT_SETTINGS, DetectorSettings, detect_change_points
 from perf_pipeline.catalog import get_metric
+from perf_pipeline.frames import sorted_categories
 
 # Node samples' cycles are the day and, given three weeks, the week (quiet weekends would
 # otherwise read as a drop every Friday and a rise every Monday); a cycle is removed only
@@ -106,9 +107,8 @@ SCOPES = pd.CategoricalDtype(["node", "overall", "test"])
 
 
 def as_categories(points: pd.DataFrame) -> pd.DataFrame:
-    """`points` with its NAME_COLUMNS as categories (those that are not already)."""
-    return points.astype({column: "category" for column in NAME_COLUMNS
-                          if column in points and not isinstance(points[column].dtype, pd.CategoricalDtype)})
+    """`points` with its NAME_COLUMNS as categories of the sorted names."""
+    return sorted_categories(points, NAME_COLUMNS)
 
 
 def _same(dtype: pd.CategoricalDtype, value: str, rows: pd.DataFrame) -> pd.Categorical:

@@ -108,7 +108,8 @@ def _window_series(context: dg.AssetExecutionContext, config: WindowConfig,
                    wh: Warehouse) -> tuple[datetime, datetime, pd.DataFrame]:
     """The window and every series in it, as `regressions.build_series` arranges them."""
     window_start, window_end = analysis_window(context, config, wh)
-    return window_start, window_end, build_series(wh.window_points(window_start, window_end))
+    return window_start, window_end, build_series(
+        wh.window_points(window_start, window_end, names_as_categories=True))
 
 
 @dg.asset(
@@ -173,7 +174,8 @@ def metric_steps(points: pd.DataFrame, points_per_step: int) -> list[list[str]]:
     may hold fewer), in name order."""
     steps: list[list[str]] = [[]]
     size = 0
-    for metric, count in points["metric_name"].value_counts().sort_index().items():
+    counts = points["metric_name"].value_counts().sort_index()
+    for metric, count in counts[counts > 0].items():  # categories count their absent names too
         if size >= points_per_step:
             steps.append([])
             size = 0
@@ -191,7 +193,7 @@ def change_point_window(context: dg.OpExecutionContext, config: ChangePointConfi
         raise dg.Failure("change_points config: points_per_step must be >= 1")
     with warehouse.open() as wh:
         window_start, window_end = analysis_window(context, config, wh)
-        points = wh.window_points(window_start, window_end)
+        points = wh.window_points(window_start, window_end, names_as_categories=True)
     load = points[points["metric_name"] == LOAD_METRIC]
     for metrics in metric_steps(points, config.points_per_step):
         part = points[points["metric_name"].isin(metrics)]
@@ -217,7 +219,7 @@ def store_change_points(context: dg.OpExecutionContext, config: ChangePointConfi
     with warehouse.open() as wh:
         # the window the parts were cut from, though a run may have loaded data since
         window_start, window_end = found[0][0] if found else analysis_window(context, config, wh)
-        series = build_series(wh.window_points(window_start, window_end))
+        series = build_series(wh.window_points(window_start, window_end, names_as_categories=True))
         # per-metric results in the order detection over all series at once gives them
         found = pd.concat([frame for _, frame in found if len(frame)]
                           or [pd.DataFrame(columns=CHANGE_COLUMNS)], ignore_index=True)

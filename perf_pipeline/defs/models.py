@@ -185,7 +185,7 @@ def node_performance_scores(context: dg.AssetExecutionContext, config: WindowCon
                             warehouse: WarehouseResource) -> dg.MaterializeResult:
     with warehouse.open() as wh:
         window_start, window_end = analysis_window(context, config, wh)
-        points = wh.window_points(window_start, window_end)
+        points = wh.window_points(window_start, window_end, names_as_categories=True)
         scores = nodes.node_scores(points)
         speed = nodes.speed_by_test_type(points)
         speed = speed.assign(

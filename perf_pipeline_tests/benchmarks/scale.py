@@ -17,12 +17,14 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import psutil
 
 from perf_pipeline.config import paths_from_env
 from perf_pipeline.ingest.simulator import simulate_fleet
@@ -42,13 +44,39 @@ def _print(figure: dict) -> None:
     print(json.dumps(figure), flush=True)
 
 
+class _MemorySampler(threading.Thread):
+    """The resident memory of a process, sampled every `interval` seconds until it ends:
+    (epoch seconds, MB) pairs, so that each step's peak can be read from its start and end."""
+
+    def __init__(self, pid: int, interval: float = 0.2):
+        super().__init__(daemon=True)
+        self.process, self.interval, self.samples = psutil.Process(pid), interval, []
+
+    def run(self) -> None:
+        while True:
+            try:
+                rss = self.process.memory_info().rss
+            except psutil.Error:  # ended (or a zombie about to be reaped)
+                return
+            self.samples.append((time.time(), rss / 2**20))
+            time.sleep(self.interval)
+
+
+_SAMPLES: list[tuple[float, float]] = []  # the last _cli run's memory samples
+
+
 def _cli(arguments: list[str], env: dict) -> tuple[float, float]:
-    """Run `perf-pipeline ARGS`; (wall seconds, peak RSS in MB of that process)."""
+    """Run `perf-pipeline ARGS`; (wall seconds, peak RSS in MB of that process). Its memory
+    samples are left in _SAMPLES."""
     started = time.perf_counter()
     process = subprocess.Popen([sys.executable, "-m", "perf_pipeline.cli", *arguments], env=env,
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    sampler = _MemorySampler(process.pid)
+    sampler.start()
     _, status, usage = os.wait4(process.pid, 0)
     elapsed = time.perf_counter() - started
+    sampler.join()
+    _SAMPLES[:] = sampler.samples
     if os.waitstatus_to_exitcode(status) != 0:
         raise RuntimeError(f"perf-pipeline {' '.join(arguments)} failed: "
                            f"{process.stderr.read().decode()[-2000:]}")
@@ -56,11 +84,13 @@ def _cli(arguments: list[str], env: dict) -> tuple[float, float]:
     return elapsed, usage.ru_maxrss / 1024  # Linux: KiB
 
 
-def _step_seconds(env: dict, since: float) -> dict[str, float]:
-    """Seconds per asset (step) over the runs that started after `since` (epoch seconds)."""
+def _step_seconds(env: dict, since: float) -> tuple[dict[str, float], dict[str, float]]:
+    """(seconds per asset (step), the process's peak MB while it ran, from _SAMPLES) over
+    the runs that started after `since` (epoch seconds)."""
     from perf_pipeline.defs.runner import open_instance
 
     seconds: dict[str, float] = defaultdict(float)
+    peaks: dict[str, float] = defaultdict(float)
     with open_instance(paths_from_env(env)) as instance:
         for run in instance.get_runs():
             stats = instance.get_run_stats(run.run_id)
@@ -69,7 +99,15 @@ def _step_seconds(env: dict, since: float) -> dict[str, float]:
             for step in instance.get_run_step_stats(run.run_id):
                 if step.start_time and step.end_time:
                     seconds[step.step_key] += step.end_time - step.start_time
-    return dict(seconds)
+                    # a step shorter than the interval: the last sample before it ended
+                    during = [mb for at, mb in _SAMPLES if step.start_time <= at <= step.end_time] \
+                        or [mb for at, mb in _SAMPLES if at <= step.end_time][-1:]
+                    peaks[step.step_key] = max(peaks[step.step_key], *during, 0.0)
+    return dict(seconds), dict(peaks)
+
+
+def _by_size(figures: dict[str, float]) -> dict[str, float]:
+    return {k: round(v, 2) for k, v in sorted(figures.items(), key=lambda kv: -kv[1])}
 
 
 def _duckdb_bulk_load(landing: Path, workdir: Path) -> tuple[int, float]:
@@ -141,7 +179,7 @@ def run_size(size: str, workdir: Path, emit: Emit = _print, *, incremental: bool
 
     since = time.time()
     full_wall, full_peak = _cli(["run"], env)
-    steps = _step_seconds(env, since)
+    steps, step_peaks = _step_seconds(env, since)
     raw_seconds = steps.get("raw_metrics", float("nan"))
     duck_rows, duck_seconds = _duckdb_bulk_load(landing, workdir)
     ours, theirs = rows_landed / raw_seconds, duck_rows / duck_seconds
@@ -151,7 +189,7 @@ def run_size(size: str, workdir: Path, emit: Emit = _print, *, incremental: bool
           "ratio": round(ours / theirs, 3)})
     emit({"size": size, "figure": "full_materialization", "rows": rows_landed,
           "wall_seconds": round(full_wall, 1), "peak_memory_mb": round(full_peak),
-          "seconds_per_asset": {k: round(v, 2) for k, v in sorted(steps.items(), key=lambda kv: -kv[1])}})
+          "seconds_per_asset": _by_size(steps), "peak_memory_mb_per_asset": _by_size(step_peaks)})
 
     if not incremental:
         return {"rows": rows_landed, "full_wall": full_wall}
@@ -159,11 +197,11 @@ def run_size(size: str, workdir: Path, emit: Emit = _print, *, incremental: bool
     _cli(["ingest", str(workdir / "fleet" / day_folders[-1].name)], env)
     since = time.time()
     incremental_wall, incremental_peak = _cli(["run"], env)
+    steps, step_peaks = _step_seconds(env, since)
     emit({"size": size, "figure": "incremental_refresh", "new_days": 1,
           "wall_seconds": round(incremental_wall, 1), "peak_memory_mb": round(incremental_peak),
           "share_of_full": round(incremental_wall / full_wall, 3),
-          "seconds_per_asset": {k: round(v, 2) for k, v in sorted(
-              _step_seconds(env, since).items(), key=lambda kv: -kv[1])}})
+          "seconds_per_asset": _by_size(steps), "peak_memory_mb_per_asset": _by_size(step_peaks)})
     return {"rows": rows_landed, "full_wall": full_wall}
 
 

@@ -17,3 +17,7 @@ def test_scale_benchmark_prints_every_figure_at_size_s(tmp_path):
     assert bulk["rows"] == result["rows"] > 90_000
     assert bulk["ratio"] > 0
     assert "raw_metrics" in figures[3]["seconds_per_asset"]
+    # each step's peak is read from the process's memory while the step ran
+    peaks = figures[3]["peak_memory_mb_per_asset"]
+    assert set(peaks) == set(figures[3]["seconds_per_asset"])
+    assert 0 < peaks["raw_metrics"] <= figures[3]["peak_memory_mb"]

@@ -5,7 +5,9 @@ materialization, memory, and how cost grows with size.
 line per figure. Sizes are simulated fleets of about 100k (S), 1M (M) and 10M (L) rows; the
 last simulated day is held back and landed after the full run, to time an incremental
 refresh. The pipeline runs as `perf-pipeline run` subprocesses, as users run it, so each
-phase's peak memory is its own process's. Figures are printed, never asserted.
+phase's peak memory is its own process's; each step's peak is that process's resident
+memory sampled every 0.2 s while the step ran (a spike shorter than that can be missed:
+the phase's peak is the kernel's exact figure). Figures are printed, never asserted.
 """
 
 from __future__ import annotations

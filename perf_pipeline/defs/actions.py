@@ -68,9 +68,10 @@ def optimization_recommendations(context: dg.AssetExecutionContext, config: Reco
             causes=wh.table("regression_causes"),
             # the penalties read only the speed metric's points: the rest of the window
             # would only be filtered away (at L, 10M points for 1M)
-            penalties=nodes.node_type_penalties(wh.window_points(
-                window_start, window_end, metric_name=nodes.SPEED_METRIC, names_as_categories=True),
-                                                min_slowdown_percent=settings.min_slowdown_percent),
+            penalties=nodes.node_type_penalties(
+                wh.window_points(window_start, window_end, metric_name=nodes.SPEED_METRIC,
+                                 names_as_categories=True),
+                min_slowdown_percent=settings.min_slowdown_percent),
             fleet=wh.fleet_medians(window_end, _FLEET_METRICS, days=config.recent_days),
             settings=settings)
         wh.replace_table("optimization_recommendations", table.assign(computed_at=utc_now()))

@@ -64,12 +64,12 @@ class _MemorySampler(threading.Thread):
             time.sleep(self.interval)
 
 
-_SAMPLES: list[tuple[float, float]] = []  # the last _cli run's memory samples
+Samples = list[tuple[float, float]]
 
 
-def _cli(arguments: list[str], env: dict) -> tuple[float, float]:
-    """Run `perf-pipeline ARGS`; (wall seconds, peak RSS in MB of that process). Its memory
-    samples are left in _SAMPLES."""
+def _cli(arguments: list[str], env: dict) -> tuple[float, float, Samples]:
+    """Run `perf-pipeline ARGS`; (wall seconds, peak RSS in MB of that process, its memory
+    samples)."""
     started = time.perf_counter()
     process = subprocess.Popen([sys.executable, "-m", "perf_pipeline.cli", *arguments], env=env,
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -78,16 +78,15 @@ def _cli(arguments: list[str], env: dict) -> tuple[float, float]:
     _, status, usage = os.wait4(process.pid, 0)
     elapsed = time.perf_counter() - started
     sampler.join()
-    _SAMPLES[:] = sampler.samples
     if os.waitstatus_to_exitcode(status) != 0:
         raise RuntimeError(f"perf-pipeline {' '.join(arguments)} failed: "
                            f"{process.stderr.read().decode()[-2000:]}")
     process.stderr.close()
-    return elapsed, usage.ru_maxrss / 1024  # Linux: KiB
+    return elapsed, usage.ru_maxrss / 1024, sampler.samples  # Linux: KiB
 
 
-def _step_seconds(env: dict, since: float) -> tuple[dict[str, float], dict[str, float]]:
-    """(seconds per asset (step), the process's peak MB while it ran, from _SAMPLES) over
+def _step_seconds(env: dict, since: float, samples: Samples) -> tuple[dict[str, float], dict[str, float]]:
+    """(seconds per asset (step), the process's peak MB while it ran, from `samples`) over
     the runs that started after `since` (epoch seconds)."""
     from perf_pipeline.defs.runner import open_instance
 
@@ -102,8 +101,8 @@ def _step_seconds(env: dict, since: float) -> tuple[dict[str, float], dict[str, 
                 if step.start_time and step.end_time:
                     seconds[step.step_key] += step.end_time - step.start_time
                     # a step shorter than the interval: the last sample before it ended
-                    during = [mb for at, mb in _SAMPLES if step.start_time <= at <= step.end_time] \
-                        or [mb for at, mb in _SAMPLES if at <= step.end_time][-1:]
+                    during = [mb for at, mb in samples if step.start_time <= at <= step.end_time] \
+                        or [mb for at, mb in samples if at <= step.end_time][-1:]
                     peaks[step.step_key] = max(peaks[step.step_key], *during, 0.0)
     return dict(seconds), dict(peaks)
 
@@ -173,15 +172,15 @@ def run_size(size: str, workdir: Path, emit: Emit = _print, *, incremental: bool
     env = {**os.environ, "PERF_PIPELINE_HOME": str(workdir / "home")}
     env.pop("DAGSTER_HOME", None)
     env.pop("PERF_PIPELINE_DATABASE", None)
-    seconds, _ = _cli(["ingest", str(workdir / "fleet")], env)
+    seconds, _, _ = _cli(["ingest", str(workdir / "fleet")], env)
     landing = workdir / "home" / "landing"
     rows_landed = sum(1 for path in landing.rglob("*.jsonl") for _ in path.open("rb"))
     emit({"size": size, "figure": "ingest_to_landing", "rows": rows_landed,
           "seconds": round(seconds, 2), "rows_per_second": round(rows_landed / seconds)})
 
     since = time.time()
-    full_wall, full_peak = _cli(["run"], env)
-    steps, step_peaks = _step_seconds(env, since)
+    full_wall, full_peak, samples = _cli(["run"], env)
+    steps, step_peaks = _step_seconds(env, since, samples)
     raw_seconds = steps.get("raw_metrics", float("nan"))
     duck_rows, duck_seconds = _duckdb_bulk_load(landing, workdir)
     ours, theirs = rows_landed / raw_seconds, duck_rows / duck_seconds
@@ -198,8 +197,8 @@ def run_size(size: str, workdir: Path, emit: Emit = _print, *, incremental: bool
     shutil.move(str(held_back / day_folders[-1].name), workdir / "fleet" / day_folders[-1].name)
     _cli(["ingest", str(workdir / "fleet" / day_folders[-1].name)], env)
     since = time.time()
-    incremental_wall, incremental_peak = _cli(["run"], env)
-    steps, step_peaks = _step_seconds(env, since)
+    incremental_wall, incremental_peak, samples = _cli(["run"], env)
+    steps, step_peaks = _step_seconds(env, since, samples)
     emit({"size": size, "figure": "incremental_refresh", "new_days": 1,
           "wall_seconds": round(incremental_wall, 1), "peak_memory_mb": round(incremental_peak),
           "share_of_full": round(incremental_wall / full_wall, 3),

@@ -80,6 +80,9 @@ def build_series(points: pd.DataFrame) -> pd.DataFrame:
     by_run = (relative / speed).groupby([metric, run])
     run_speed = by_run.transform("median").where(by_run.transform("count") >= MIN_RUN_TESTS)
     node_level = relative / run_level.where(run_level > 0).fillna(1.0)
+    # the window's series are the largest frame an analysis holds: the intermediates go
+    # before the parts are built and concatenated (at L, 0.5 GB of the peak)
+    del metric, test, node, run, base, relative, node_speed, run_level, by_run
     per_node = points[points["metric_scope"] == "node"]
     per_run = points[points["metric_scope"] == "run"]
     frames = [

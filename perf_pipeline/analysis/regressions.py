@@ -11,7 +11,9 @@ different people (bisect the commit, drain the node).
 
 from __future__ import annotations
 
+import multiprocessing
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import replace
 
 import numpy as np
@@ -243,10 +245,14 @@ def run_series(series: pd.DataFrame) -> pd.DataFrame:
 
 
 def series_change_points(series: pd.DataFrame, *,
-                         settings: DetectorSettings = DEFAULT_SETTINGS) -> pd.DataFrame:
+                         settings: DetectorSettings = DEFAULT_SETTINGS,
+                         workers: int = 1) -> pd.DataFrame:
     """Confirmed change points of every series, with the first run, job and commit after each.
 
-    Per-test metrics are also judged as one series of their run levels (`run_series`)."""
+    Per-test metrics are also judged as one series of their run levels (`run_series`).
+    `workers` > 1 detects the series in that many processes when they hold at least
+    PARALLEL_MIN_POINTS points (fewer are not worth a process start); the result is the
+    same either way."""
     rows = []
     keys = ["scope", "metric_name", "test_name", "node_id"]
     needed = [*keys, "timestamp", "judged", "direction", "metric_scope", "run_shape", "test_run_id",
@@ -265,9 +271,11 @@ def series_change_points(series: pd.DataFrame, *,
     first_rows = series.iloc[order[starts]]
     run_shaped = (first_rows["run_shape"] == True).to_numpy() if "run_shape" in series \
         else np.zeros(len(starts), dtype=bool)  # noqa: E712 (NaN elsewhere)
-    for (start, end, scope, metric, test, node, metric_scope, direction, run_shape) in zip(
-            starts.tolist(), ends.tolist(), first_rows["scope"], first_rows["metric_name"],
-            first_rows["test_name"], first_rows["node_id"], first_rows["metric_scope"],
+    names = list(zip(first_rows["scope"], first_rows["metric_name"], first_rows["test_name"],
+                     first_rows["node_id"]))
+    tasks = []
+    for start, end, metric_scope, scope, direction, run_shape in zip(
+            starts.tolist(), ends.tolist(), first_rows["metric_scope"], first_rows["scope"],
             first_rows["direction"], run_shaped.tolist()):
         # a point per run is regular, and the fleet's load cycles are in it
         sampled = (metric_scope == "node" and scope == "node") or run_shape
@@ -279,8 +287,10 @@ def series_change_points(series: pd.DataFrame, *,
             # node samples need a day on either side of a boundary.
             per_day = points_per_day(timestamps)
             series_settings = replace(settings, min_size=max(settings.min_size, per_day))
-        changes = detect_change_points(judged[start:end], direction=direction,
-                                       period=period, settings=series_settings)
+        tasks.append((judged[start:end], str(direction), period, series_settings))
+    found = _detect_each(tasks, workers if len(judged) >= PARALLEL_MIN_POINTS else 1)
+    for (scope, metric, test, node), start, end, changes in zip(
+            names, starts.tolist(), ends.tolist(), found):
         floor = MIN_SHARE_OF_ALERT_THRESHOLD * get_metric(metric).alert_threshold_percent
         for change in changes:
             if change.magnitude_percent is not None and abs(change.magnitude_percent) < floor:
@@ -298,6 +308,33 @@ def series_change_points(series: pd.DataFrame, *,
                 "effect_size": change.effect_size, "kind": change.kind, "shape": change.shape,
                 "end_timestamp": end_at, "n_points": end - start})
     return pd.DataFrame(rows, columns=CHANGE_COLUMNS)
+
+
+# Series of fewer points in all are detected in the calling process: a worker process
+# starts in about a second (Python, NumPy, SciPy), and 100k points take a few seconds.
+PARALLEL_MIN_POINTS = 100_000
+
+
+def _detect(task: tuple) -> list:
+    values, direction, period, settings = task
+    return detect_change_points(values, direction=direction, period=period, settings=settings)
+
+
+def _detect_each(tasks: list[tuple], workers: int) -> list[list]:
+    """detect_change_points of every task, in order, in `workers` processes (1: here).
+
+    Workers are forked where the platform can (they start at once, with everything
+    imported, and a spawned worker would run the caller's main script again, which breaks
+    a script without a `__main__` guard); a worker only detects, touching no lock or
+    file of the step's, and NumPy's thread pools reset themselves in a forked child."""
+    if workers <= 1 or len(tasks) < 2:
+        return [_detect(task) for task in tasks]
+    context = multiprocessing.get_context(
+        "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
+    with ProcessPoolExecutor(max_workers=min(workers, len(tasks)), mp_context=context) as pool:
+        # chunks of series, so that a pickle carries many small ones; several per worker,
+        # so that one slow chunk does not leave the others idle
+        return list(pool.map(_detect, tasks, chunksize=max(1, len(tasks) // (8 * workers))))
 
 
 # A boundary is plausible while it costs at most this many units of the noise's mean

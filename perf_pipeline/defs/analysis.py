@@ -1,6 +1,7 @@
 """Analysis over the rolling window: trend_stats, change_points, seasonal_profiles,
 anomalies, metric_correlations and regression_causes."""
 
+import os
 import re
 import shutil
 from collections.abc import Callable
@@ -67,6 +68,9 @@ class ChangePointConfig(WindowConfig):
     # step costs a worker process start (seconds) on the multiprocess executor, so a small
     # fleet is one step; lower it to spread a large fleet over more workers.
     points_per_step: int = 250_000
+    # Processes each step detects its series in (0: one per CPU core; 1: the step's own).
+    # A step of fewer than regressions.PARALLEL_MIN_POINTS points uses its own process.
+    detection_workers: int = 0
 
 
 def utc_now() -> datetime:
@@ -208,8 +212,11 @@ def change_point_window(context: dg.OpExecutionContext, config: ChangePointConfi
 def detect_metric_changes(config: ChangePointConfig, metric_points: tuple) -> tuple:
     window, metrics, points = metric_points
     series = build_series(points)
+    if config.detection_workers < 0:
+        raise dg.Failure("change_points config: detection_workers must be >= 0")
     return window, series_change_points(series[series["metric_name"].isin(metrics)],
-                                        settings=_detector_settings(config))
+                                        settings=_detector_settings(config),
+                                        workers=config.detection_workers or os.cpu_count() or 1)
 
 
 @dg.op(pool="duckdb", description="Incidents across metrics; both tables replaced at once.")

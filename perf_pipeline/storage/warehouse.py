@@ -815,7 +815,10 @@ class Warehouse:
             per_metric = pd.Categorical(values.to_numpy(dtype=object))
             per_row = np.where(codes >= 0, per_metric.codes[np.maximum(codes, 0)], -1)
             points[column] = pd.Categorical.from_codes(per_row, dtype=per_metric.dtype)
-        points = points[points["metric_scope"].notna()]  # a metric the catalog no longer has
+        unknown = points["metric_scope"].isna()  # a metric the catalog no longer has
+        if unknown.any():
+            points = points[~unknown]
+            points = points.assign(**{c: points[c].cat.remove_unused_categories() for c in names})
         return points.sort_values("timestamp", kind="stable", ignore_index=True)
 
     def run_contexts(self, window_start: datetime, window_end: datetime) -> pd.DataFrame:

@@ -4,6 +4,7 @@ is not a change, kinds stay apart, rare-event counts are judged as counts."""
 import numpy as np
 import pandas as pd
 
+from perf_pipeline.analysis import regressions
 from perf_pipeline.analysis.change_points import HIGHER_IS_BETTER, detect_change_points
 from perf_pipeline.analysis.regressions import build_series, group_incidents, points_per_day, series_change_points
 from perf_pipeline.ingest.simulator import LOAD_SENSITIVITY, _ar1, _load_shape
@@ -130,6 +131,27 @@ def test_series_are_judged_in_time_order_whatever_the_row_order():
     shuffled = series.sample(frac=1.0, random_state=0)
     assert len(found) > 0
     pd.testing.assert_frame_equal(series_change_points(shuffled), found)
+
+
+def test_detection_in_worker_processes_finds_the_same_changes(monkeypatch):
+    """workers > 1 hands the series to a process pool (here for any number of points):
+    the same change points, in the same order, as detecting them in this process."""
+    monkeypatch.setattr(regressions, "PARALLEL_MIN_POINTS", 1)
+    pools = []
+    real_pool = regressions.ProcessPoolExecutor
+
+    def counted_pool(*args, **kwargs):
+        pools.append(kwargs.get("max_workers"))
+        return real_pool(*args, **kwargs)
+
+    monkeypatch.setattr(regressions, "ProcessPoolExecutor", counted_pool)
+    series = build_series(_fleet(3, slowdown_at=200))
+    here = series_change_points(series)
+    assert pools == []
+    in_workers = series_change_points(series, workers=2)
+    assert pools == [2]
+    assert len(here) > 0
+    pd.testing.assert_frame_equal(in_workers, here)
 
 
 def test_series_names_are_categories_that_keep_the_text_and_its_order():

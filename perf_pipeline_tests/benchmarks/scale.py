@@ -5,9 +5,9 @@ materialization, memory, and how cost grows with size.
 line per figure. Sizes are simulated fleets of about 100k (S), 1M (M) and 10M (L) rows; the
 last simulated day is held back and landed after the full run, to time an incremental
 refresh. The pipeline runs as `perf-pipeline run` subprocesses, as users run it, so each
-phase's peak memory is its own process's; each step's peak is that process's resident
-memory sampled every 0.2 s while the step ran (a spike shorter than that can be missed:
-the phase's peak is the kernel's exact figure). Figures are printed, never asserted.
+phase's peak memory is its own process's (the kernel's high-water mark of it, VmHWM); each
+step's peak is that process's resident memory sampled every 0.2 s while the step ran (a
+spike shorter than that can be missed). Figures are printed, never asserted.
 """
 
 from __future__ import annotations
@@ -46,13 +46,31 @@ def _print(figure: dict) -> None:
     print(json.dumps(figure), flush=True)
 
 
+def _high_water_mb(pid: int) -> float | None:
+    """The process's own peak resident memory so far (Linux's VmHWM), or None where the
+    kernel does not say. Not the ru_maxrss that wait4 returns for a child: Linux counts in
+    it the parent's resident memory when the child was started (exec records the high water
+    of the memory it leaves), so a benchmark that had simulated 10M rows itself reported
+    7.7 GB for a run whose own peak was 3.6 GB."""
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
+    return None
+
+
 class _MemorySampler(threading.Thread):
     """The resident memory of a process, sampled every `interval` seconds until it ends:
-    (epoch seconds, MB) pairs, so that each step's peak can be read from its start and end."""
+    (epoch seconds, MB) pairs, so that each step's peak can be read from its start and end;
+    `high_water` is the process's exact peak as last read (None where not known)."""
 
     def __init__(self, pid: int, interval: float = 0.2):
         super().__init__(daemon=True)
         self.process, self.interval, self.samples = psutil.Process(pid), interval, []
+        self.high_water: float | None = None
 
     def run(self) -> None:
         while True:
@@ -61,28 +79,35 @@ class _MemorySampler(threading.Thread):
             except psutil.Error:  # ended (or a zombie about to be reaped)
                 return
             self.samples.append((time.time(), rss / 2**20))
+            self.high_water = _high_water_mb(self.process.pid) or self.high_water
             time.sleep(self.interval)
 
 
 Samples = list[tuple[float, float]]
 
 
-def _cli(arguments: list[str], env: dict) -> tuple[float, float, Samples]:
-    """Run `perf-pipeline ARGS`; (wall seconds, peak RSS in MB of that process, its memory
-    samples)."""
+def measured(command: list[str], env: dict | None = None) -> tuple[float, float, Samples]:
+    """Run `command`; (wall seconds, its own peak resident memory in MB, its memory samples).
+    Raises RuntimeError with the end of its stderr if it fails."""
     started = time.perf_counter()
-    process = subprocess.Popen([sys.executable, "-m", "perf_pipeline.cli", *arguments], env=env,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     sampler = _MemorySampler(process.pid)
     sampler.start()
-    _, status, usage = os.wait4(process.pid, 0)
+    errors = process.stderr.read()  # until it exits: a full pipe would stall it
+    status = process.wait()
     elapsed = time.perf_counter() - started
     sampler.join()
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise RuntimeError(f"perf-pipeline {' '.join(arguments)} failed: "
-                           f"{process.stderr.read().decode()[-2000:]}")
     process.stderr.close()
-    return elapsed, usage.ru_maxrss / 1024, sampler.samples  # Linux: KiB
+    if status != 0:
+        raise RuntimeError(f"{' '.join(command)} failed: {errors.decode()[-2000:]}")
+    # the high-water mark misses only what happened after its last read
+    return elapsed, max(sampler.high_water or 0.0, *(mb for _, mb in sampler.samples), 0.0), \
+        sampler.samples
+
+
+def _cli(arguments: list[str], env: dict) -> tuple[float, float, Samples]:
+    """Run `perf-pipeline ARGS` (see `measured`)."""
+    return measured([sys.executable, "-m", "perf_pipeline.cli", *arguments], env)
 
 
 def _step_seconds(env: dict, since: float, samples: Samples) -> tuple[dict[str, float], dict[str, float]]:

@@ -1,9 +1,16 @@
 """The scale benchmark runs at its smallest size, so that it cannot rot. It checks that
 every figure is printed, never how fast anything was."""
 
+import sys
+
+import numpy as np
 import pytest
 
-from perf_pipeline_tests.benchmarks.scale import run_size
+from perf_pipeline_tests.benchmarks.scale import measured, run_size
+
+# A child that holds 400 MB for a moment, lets it go, and lives on for a second.
+_SPIKE = ("import numpy as np, time; a = np.ones(50_000_000); a[::512] += 1; del a; "
+          "time.sleep(1.0)")
 
 
 @pytest.mark.slow
@@ -21,3 +28,17 @@ def test_scale_benchmark_prints_every_figure_at_size_s(tmp_path):
     peaks = figures[3]["peak_memory_mb_per_asset"]
     assert set(peaks) == set(figures[3]["seconds_per_asset"])
     assert 0 < peaks["raw_metrics"] <= figures[3]["peak_memory_mb"]
+
+
+def test_a_command_s_peak_is_its_own_not_its_parent_s():
+    """Linux counts a parent's resident memory at spawn in the child's ru_maxrss; the
+    benchmark reports the child's own high-water mark, which a spike it released still
+    shows in."""
+    parent_holds = np.ones(100_000_000)  # 800 MB here, in the test process
+    parent_holds[::512] += 1
+    _, quiet, _ = measured([sys.executable, "-c", "import time; time.sleep(0.5)"])
+    _, spiked, samples = measured([sys.executable, "-c", _SPIKE])
+    assert quiet < 200
+    assert spiked >= 380
+    assert max(mb for _, mb in samples[-2:]) < 300  # released before it ended
+    del parent_holds

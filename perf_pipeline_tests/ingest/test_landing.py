@@ -15,6 +15,7 @@ from perf_pipeline.ingest.landing import (
     write_atomic,
 )
 from perf_pipeline.ingest.simulator import simulate_fleet
+from perf_pipeline.storage import warehouse
 from perf_pipeline.storage.warehouse import open_warehouse
 from perf_pipeline_tests.conftest import metric_row, write_jsonl
 
@@ -283,9 +284,11 @@ def test_a_range_of_days_loads_in_bounded_chunks_as_day_by_day(paths, tmp_path):
         c.rows_loaded + c.rows_quarantined for c in whole.values()) > 0
 
 
-def test_normalizing_a_range_gives_each_day_what_normalizing_it_alone_gives(paths, tmp_path):
+def test_normalizing_a_range_gives_each_day_what_normalizing_it_alone_gives(paths, tmp_path,
+                                                                           monkeypatch):
     """A run that crosses midnight keeps a value on each of its days, however the days are
-    normalized, and normalizing the range again replaces rather than adds."""
+    normalized (alone, as one range, or as a range grouped a few rows at a time), and
+    normalizing the range again replaces rather than adds."""
     rows = [metric_row("2026-11-01T23:50:00Z", value=2.0, run="late"),
             metric_row("2026-11-01T23:55:00Z", value=4.0, run="late"),
             metric_row("2026-11-02T00:05:00Z", value=8.0, run="late"),
@@ -311,6 +314,11 @@ def test_normalizing_a_range_gives_each_day_what_normalizing_it_alone_gives(path
         assert wh.replace_normalized_days(days) == one_by_one
         assert wh.duplicate_series_points(days) == 0
     assert normalized(paths.database) == day_by_day
+    for chunk_rows in (1, 3):  # a statement per day; the first two days together
+        monkeypatch.setattr(warehouse, "NORMALIZE_CHUNK_ROWS", chunk_rows)
+        with open_warehouse(paths.database) as wh:
+            assert wh.replace_normalized_days(days) == one_by_one
+        assert normalized(paths.database) == day_by_day
     points = {(row[0].date(), row[6], row[9]) for row in day_by_day[0] if row[6] == "late"}
     assert points == {(DAY, "late", 3.0), (date(2026, 11, 2), "late", 8.0)}
 

@@ -32,6 +32,7 @@ from sklearn.ensemble import IsolationForest
 from perf_pipeline.analysis.change_points import remove_cycle
 from perf_pipeline.analysis.regressions import points_per_day
 from perf_pipeline.analysis.robust import MAD_TO_SIGMA, mostly_one_value
+from perf_pipeline.parallel import MIN_POINTS, cores, process_map
 
 # The spread is taken over this many times the level's window: spread changes more slowly
 # than level, and a MAD of 25 points varies by a third, which alone let about 1.5 in 10,000
@@ -304,6 +305,11 @@ def _node_noise(tests: pd.DataFrame, window: int, min_periods: int) -> pd.Series
     return MAD_TO_SIGMA * spread
 
 
+def _detect(task: tuple) -> list:
+    values, options = task
+    return detect_point_anomalies(values, **options)
+
+
 def fleet_anomalies(series: pd.DataFrame, *, threshold: float = 6.0, window: int = 25,
                     max_burst: int = 3) -> tuple[pd.DataFrame, int]:
     """Spikes, dips and short bursts of every series, and how many series were skipped.
@@ -328,6 +334,7 @@ def fleet_anomalies(series: pd.DataFrame, *, threshold: float = 6.0, window: int
     levels, raws = series["level"].to_numpy(dtype=float), series["value"].to_numpy(dtype=float)
     floors = floor.reindex(series.index).to_numpy(dtype=float)
     run_nodes, run_ids = series["run_node_id"].to_numpy(dtype=object), series["test_run_id"].to_numpy(dtype=object)
+    judged, tasks = [], []
     for (scope, metric, test, node), positions in zip(grouped.size().index, np.split(order, bounds)):
         values = levels[positions]
         if mostly_one_value(values):
@@ -341,8 +348,11 @@ def fleet_anomalies(series: pd.DataFrame, *, threshold: float = 6.0, window: int
             per_day = points_per_day(pd.Series(timestamps[positions]))
             if per_day >= 4 and len(positions) >= _MIN_CYCLES * per_day:
                 options["period"] = per_day
-        found = detect_point_anomalies(values, threshold=threshold, window=window,
-                                       max_burst=max_burst, **options)
+        judged.append((scope, metric, test, positions, values, per_test))
+        tasks.append((values, {"threshold": threshold, "window": window, "max_burst": max_burst,
+                               **options}))
+    detected = process_map(_detect, tasks, workers=cores() if len(series) >= MIN_POINTS else 1)
+    for (scope, metric, test, positions, values, per_test), found in zip(judged, detected):
         raw = raws[positions]
         for anomaly in found:
             first, last = positions[anomaly.start_index], positions[anomaly.end_index]

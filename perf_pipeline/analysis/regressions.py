@@ -11,9 +11,7 @@ different people (bisect the commit, drain the node).
 
 from __future__ import annotations
 
-import multiprocessing
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import replace
 
 import numpy as np
@@ -22,6 +20,7 @@ import pandas as pd
 from perf_pipeline.analysis.change_points import DEFAULT_SETTINGS, DetectorSettings, detect_change_points
 from perf_pipeline.catalog import get_metric
 from perf_pipeline.frames import sorted_categories
+from perf_pipeline.parallel import MIN_POINTS, process_map
 
 # Node samples' cycles are the day and, given three weeks, the week (quiet weekends would
 # otherwise read as a drop every Friday and a rise every Monday); a cycle is removed only
@@ -251,7 +250,7 @@ def series_change_points(series: pd.DataFrame, *,
 
     Per-test metrics are also judged as one series of their run levels (`run_series`).
     `workers` > 1 detects the series in that many processes when they hold at least
-    PARALLEL_MIN_POINTS points (fewer are not worth a process start); the result is the
+    parallel.MIN_POINTS points (fewer are not worth the processes); the result is the
     same either way."""
     rows = []
     keys = ["scope", "metric_name", "test_name", "node_id"]
@@ -288,7 +287,7 @@ def series_change_points(series: pd.DataFrame, *,
             per_day = points_per_day(timestamps)
             series_settings = replace(settings, min_size=max(settings.min_size, per_day))
         tasks.append((judged[start:end], str(direction), period, series_settings))
-    found = _detect_each(tasks, workers if len(judged) >= PARALLEL_MIN_POINTS else 1)
+    found = process_map(_detect, tasks, workers=workers if len(judged) >= MIN_POINTS else 1)
     for (scope, metric, test, node), start, end, changes in zip(
             names, starts.tolist(), ends.tolist(), found):
         floor = MIN_SHARE_OF_ALERT_THRESHOLD * get_metric(metric).alert_threshold_percent
@@ -310,31 +309,9 @@ def series_change_points(series: pd.DataFrame, *,
     return pd.DataFrame(rows, columns=CHANGE_COLUMNS)
 
 
-# Series of fewer points in all are detected in the calling process: a worker process
-# starts in about a second (Python, NumPy, SciPy), and 100k points take a few seconds.
-PARALLEL_MIN_POINTS = 100_000
-
-
 def _detect(task: tuple) -> list:
     values, direction, period, settings = task
     return detect_change_points(values, direction=direction, period=period, settings=settings)
-
-
-def _detect_each(tasks: list[tuple], workers: int) -> list[list]:
-    """detect_change_points of every task, in order, in `workers` processes (1: here).
-
-    Workers are forked where the platform can (they start at once, with everything
-    imported, and a spawned worker would run the caller's main script again, which breaks
-    a script without a `__main__` guard); a worker only detects, touching no lock or
-    file of the step's, and NumPy's thread pools reset themselves in a forked child."""
-    if workers <= 1 or len(tasks) < 2:
-        return [_detect(task) for task in tasks]
-    context = multiprocessing.get_context(
-        "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
-    with ProcessPoolExecutor(max_workers=min(workers, len(tasks)), mp_context=context) as pool:
-        # chunks of series, so that a pickle carries many small ones; several per worker,
-        # so that one slow chunk does not leave the others idle
-        return list(pool.map(_detect, tasks, chunksize=max(1, len(tasks) // (8 * workers))))
 
 
 # A boundary is plausible while it costs at most this many units of the noise's mean

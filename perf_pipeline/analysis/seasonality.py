@@ -16,6 +16,8 @@ import numpy as np
 import pandas as pd
 from statsmodels.tsa.seasonal import MSTL, STL
 
+from perf_pipeline.parallel import MIN_POINTS, cores, process_map
+
 DAY, WEEK = 24, 168
 MIN_COVERAGE = 0.9  # share of the window's hours that must have a value
 PROFILE_COLUMNS = ["metric_name", "node_id", "cycle", "phase", "effect", "strength", "n_hours"]
@@ -94,17 +96,26 @@ def seasonal_profiles(hourly: pd.DataFrame) -> pd.DataFrame:
     """`hourly` has hour, metric_name, node_id, value (node-scope metrics). Rows per node
     (daily cycle, from three days) and per metric fleet-wide (node_id empty; daily, and
     weekly from more than two weeks)."""
-    rows = []
+    names, tasks = [], []
     for (metric, node), frame in hourly.groupby(["metric_name", "node_id"], sort=True):
         grid = hourly_grid(frame["hour"], frame["value"])
         if grid is not None and len(grid) >= 3 * DAY:
-            rows += [{"metric_name": metric, "node_id": node, **r} for r in decompose(grid, weekly=False)]
+            names.append((metric, node))
+            tasks.append((grid, False))
     fleet = hourly.groupby(["metric_name", "hour"], as_index=False)["value"].median()
     for metric, frame in fleet.groupby("metric_name", sort=True):
         grid = hourly_grid(frame["hour"], frame["value"])
         if grid is not None and len(grid) >= 3 * DAY:
-            rows += [{"metric_name": metric, "node_id": None, **r}
-                     # MSTL drops a period unless it is under half the series: a weekly
-                     # cycle needs more than two whole weeks.
-                     for r in decompose(grid, weekly=len(grid) > 2 * WEEK)]
-    return pd.DataFrame(rows, columns=PROFILE_COLUMNS)
+            names.append((metric, None))
+            # MSTL drops a period unless it is under half the series: a weekly cycle needs
+            # more than two whole weeks.
+            tasks.append((grid, len(grid) > 2 * WEEK))
+    profiles = process_map(_decompose, tasks, workers=cores() if len(hourly) >= MIN_POINTS else 1)
+    return pd.DataFrame([{"metric_name": metric, "node_id": node, **row}
+                         for (metric, node), rows in zip(names, profiles) for row in rows],
+                        columns=PROFILE_COLUMNS)
+
+
+def _decompose(task: tuple) -> list[dict]:
+    grid, weekly = task
+    return decompose(grid, weekly=weekly)

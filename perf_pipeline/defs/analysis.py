@@ -1,7 +1,6 @@
 """Analysis over the rolling window: trend_stats, change_points, seasonal_profiles,
 anomalies, metric_correlations and regression_causes."""
 
-import os
 import re
 import shutil
 from collections.abc import Callable
@@ -26,6 +25,7 @@ from perf_pipeline.analysis.regressions import (
 from perf_pipeline.analysis.seasonality import seasonal_profiles as decompose_profiles
 from perf_pipeline.analysis.trends import compute_trend_stats
 from perf_pipeline.config import TrendSettings
+from perf_pipeline.parallel import cores
 from perf_pipeline.defs.resources import MonitoringResource, WarehouseResource
 from perf_pipeline.report.markdown import (
     anomaly_table,
@@ -69,7 +69,7 @@ class ChangePointConfig(WindowConfig):
     # fleet is one step; lower it to spread a large fleet over more workers.
     points_per_step: int = 250_000
     # Processes each step detects its series in (0: one per CPU core; 1: the step's own).
-    # A step of fewer than regressions.PARALLEL_MIN_POINTS points uses its own process.
+    # A step of fewer than parallel.MIN_POINTS points uses its own process.
     detection_workers: int = 0
 
 
@@ -216,7 +216,7 @@ def detect_metric_changes(config: ChangePointConfig, metric_points: tuple) -> tu
         raise dg.Failure("change_points config: detection_workers must be >= 0")
     return window, series_change_points(series[series["metric_name"].isin(metrics)],
                                         settings=_detector_settings(config),
-                                        workers=config.detection_workers or os.cpu_count() or 1)
+                                        workers=config.detection_workers or cores())
 
 
 @dg.op(pool="duckdb", description="Incidents across metrics; both tables replaced at once.")

@@ -4,6 +4,7 @@ is not a change, kinds stay apart, rare-event counts are judged as counts."""
 import numpy as np
 import pandas as pd
 
+from perf_pipeline import parallel
 from perf_pipeline.analysis import regressions
 from perf_pipeline.analysis.change_points import HIGHER_IS_BETTER, detect_change_points
 from perf_pipeline.analysis.regressions import build_series, group_incidents, points_per_day, series_change_points
@@ -136,15 +137,15 @@ def test_series_are_judged_in_time_order_whatever_the_row_order():
 def test_detection_in_worker_processes_finds_the_same_changes(monkeypatch):
     """workers > 1 hands the series to a process pool (here for any number of points):
     the same change points, in the same order, as detecting them in this process."""
-    monkeypatch.setattr(regressions, "PARALLEL_MIN_POINTS", 1)
+    monkeypatch.setattr(regressions, "MIN_POINTS", 1)
     pools = []
-    real_pool = regressions.ProcessPoolExecutor
+    real_pool = parallel.ProcessPoolExecutor
 
     def counted_pool(*args, **kwargs):
         pools.append(kwargs.get("max_workers"))
         return real_pool(*args, **kwargs)
 
-    monkeypatch.setattr(regressions, "ProcessPoolExecutor", counted_pool)
+    monkeypatch.setattr(parallel, "ProcessPoolExecutor", counted_pool)
     series = build_series(_fleet(3, slowdown_at=200))
     here = series_change_points(series)
     assert pools == []

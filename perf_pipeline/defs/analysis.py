@@ -25,8 +25,8 @@ from perf_pipeline.analysis.regressions import (
 from perf_pipeline.analysis.seasonality import seasonal_profiles as decompose_profiles
 from perf_pipeline.analysis.trends import compute_trend_stats
 from perf_pipeline.config import TrendSettings
-from perf_pipeline.parallel import cores
 from perf_pipeline.defs.resources import MonitoringResource, WarehouseResource
+from perf_pipeline.parallel import cores
 from perf_pipeline.report.markdown import (
     anomaly_table,
     cause_table,
@@ -210,10 +210,10 @@ def change_point_window(context: dg.OpExecutionContext, config: ChangePointConfi
 
 @dg.op(description="Confirmed changes of some metrics' series (no DuckDB: any worker can run it).")
 def detect_metric_changes(config: ChangePointConfig, metric_points: tuple) -> tuple:
-    window, metrics, points = metric_points
-    series = build_series(points)
     if config.detection_workers < 0:
         raise dg.Failure("change_points config: detection_workers must be >= 0")
+    window, metrics, points = metric_points
+    series = build_series(points)
     return window, series_change_points(series[series["metric_name"].isin(metrics)],
                                         settings=_detector_settings(config),
                                         workers=config.detection_workers or cores())

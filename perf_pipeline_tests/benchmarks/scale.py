@@ -5,9 +5,10 @@ materialization, memory, and how cost grows with size.
 line per figure. Sizes are simulated fleets of about 100k (S), 1M (M) and 10M (L) rows; the
 last simulated day is held back and landed after the full run, to time an incremental
 refresh. The pipeline runs as `perf-pipeline run` subprocesses, as users run it, so each
-phase's peak memory is its own process's (the kernel's high-water mark of it, VmHWM); each
-step's peak is that process's resident memory sampled every 0.2 s while the step ran (a
-spike shorter than that can be missed). Figures are printed, never asserted.
+phase's peak memory is its own process's: the larger of the kernel's high-water mark of it
+(VmHWM) and its memory with its worker processes' sampled every 0.2 s; each step's peak is
+the latter while the step ran (a spike shorter than that can be missed). Figures are
+printed, never asserted.
 """
 
 from __future__ import annotations
@@ -63,9 +64,11 @@ def _high_water_mb(pid: int) -> float | None:
 
 
 class _MemorySampler(threading.Thread):
-    """The resident memory of a process, sampled every `interval` seconds until it ends:
-    (epoch seconds, MB) pairs, so that each step's peak can be read from its start and end;
-    `high_water` is the process's exact peak as last read (None where not known)."""
+    """The memory of a process and its worker processes, sampled every `interval` seconds
+    until it ends: (epoch seconds, MB) pairs, so that each step's peak can be read from its
+    start and end; `high_water` is the process's own exact peak as last read (None where
+    not known). A worker is forked and shares the process's pages until it writes them, so
+    it counts with the memory only it holds (USS), and the process with its resident memory."""
 
     def __init__(self, pid: int, interval: float = 0.2):
         super().__init__(daemon=True)
@@ -76,8 +79,14 @@ class _MemorySampler(threading.Thread):
         while True:
             try:
                 rss = self.process.memory_info().rss
+                workers = self.process.children(recursive=True)
             except psutil.Error:  # ended (or a zombie about to be reaped)
                 return
+            for worker in workers:
+                try:
+                    rss += worker.memory_full_info().uss
+                except psutil.Error:  # ended meanwhile
+                    pass
             self.samples.append((time.time(), rss / 2**20))
             self.high_water = _high_water_mb(self.process.pid) or self.high_water
             time.sleep(self.interval)

@@ -11,6 +11,10 @@ from perf_pipeline_tests.benchmarks.scale import measured, run_size
 # A child that holds 400 MB for a moment, lets it go, and lives on for a second.
 _SPIKE = ("import numpy as np, time; a = np.ones(50_000_000); a[::512] += 1; del a; "
           "time.sleep(1.0)")
+# A child whose forked worker holds 400 MB for a second.
+_WORKER = ("import multiprocessing as mp, numpy as np, time\n"
+           "def hold():\n    a = np.ones(50_000_000); a[::512] += 1; time.sleep(1.0)\n"
+           "p = mp.get_context('fork').Process(target=hold); p.start(); p.join()")
 
 
 @pytest.mark.slow
@@ -41,4 +45,6 @@ def test_a_command_s_peak_is_its_own_not_its_parent_s():
     assert quiet < 200
     assert spiked >= 380
     assert max(mb for _, mb in samples[-2:]) < 300  # released before it ended
+    _, with_worker, _ = measured([sys.executable, "-c", _WORKER])
+    assert with_worker >= 380  # the worker's memory counts with its parent's
     del parent_holds

@@ -2,7 +2,7 @@
 
 Change points, anomalies and seasonal profiles each run one pure function per series, and
 under `perf-pipeline run` (the in-process executor) a step otherwise uses one core. Work
-above a size threshold (each caller's) goes to a pool of forked processes; the results come
+above MIN_POINTS goes to a pool of forked processes (on Linux); the results come
 back in the order of the inputs, the same as computing them in the calling process.
 """
 
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import sys
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from typing import TypeVar
@@ -34,15 +35,15 @@ def process_map(function: Callable[[Item], Result], items: Sequence[Item], *,
                 workers: int) -> list[Result]:
     """`[function(item) for item in items]`, in `workers` processes (1: in this one).
 
-    `function` must be a module-level function and the items picklable. Workers are forked
-    where the platform can: they start at once with everything imported, where a spawned
-    worker would run the caller's main script again (which breaks a script without a
-    `__main__` guard). A worker only computes, touching no lock or file of the caller's,
-    and NumPy's thread pools reset themselves in a forked child."""
-    if workers <= 1 or len(items) < 2:
+    `function` must be a module-level function and the items picklable. Workers are forked,
+    on Linux only: they start at once with everything imported, where a spawned worker
+    would run the caller's main script again (which breaks a script without a `__main__`
+    guard), and macOS's system libraries are not safe to fork. Elsewhere the work stays in
+    this process. A worker only computes, touching no lock or file of the caller's, and
+    NumPy's thread pools reset themselves in a forked child."""
+    if workers <= 1 or len(items) < 2 or not sys.platform.startswith("linux"):
         return [function(item) for item in items]
-    context = multiprocessing.get_context(
-        "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
+    context = multiprocessing.get_context("fork")
     with ProcessPoolExecutor(max_workers=min(workers, len(items)), mp_context=context) as pool:
         # chunks of items, so that a pickle carries many small ones; several per worker,
         # so that one slow chunk does not leave the others idle

@@ -50,3 +50,11 @@ def test_anomalies_and_seasonal_profiles_in_workers_match_the_calling_process(mo
     pd.testing.assert_frame_equal(found, here[0][0])
     assert skipped == here[0][1]
     pd.testing.assert_frame_equal(profiles, here[1])
+
+
+def test_off_linux_the_work_stays_in_this_process(monkeypatch):
+    pools = []
+    monkeypatch.setattr(parallel.sys, "platform", "darwin")
+    monkeypatch.setattr(parallel, "ProcessPoolExecutor", lambda *a, **k: pools.append(k))
+    assert parallel.process_map(_square_root, [4, 9], workers=2) == [2.0, 3.0]
+    assert pools == []

@@ -223,7 +223,7 @@ def run_size(size: str, workdir: Path, emit: Emit = _print, *, incremental: bool
           "duckdb_read_json_seconds": round(duck_seconds, 2), "duckdb_rows_per_second": round(theirs),
           "ratio": round(ours / theirs, 3)})
     emit({"size": size, "figure": "full_materialization", "rows": rows_landed,
-          "wall_seconds": round(full_wall, 1), "peak_memory_mb": round(full_peak),
+          "wall_seconds": round(full_wall, 1), "peak_memory_mb": round(full_peak, 2),
           "seconds_per_asset": _by_size(steps), "peak_memory_mb_per_asset": _by_size(step_peaks)})
 
     if not incremental:
@@ -234,7 +234,7 @@ def run_size(size: str, workdir: Path, emit: Emit = _print, *, incremental: bool
     incremental_wall, incremental_peak, samples = _cli(["run"], env)
     steps, step_peaks = _step_seconds(env, since, samples)
     emit({"size": size, "figure": "incremental_refresh", "new_days": 1,
-          "wall_seconds": round(incremental_wall, 1), "peak_memory_mb": round(incremental_peak),
+          "wall_seconds": round(incremental_wall, 1), "peak_memory_mb": round(incremental_peak, 2),
           "share_of_full": round(incremental_wall / full_wall, 3),
           "seconds_per_asset": _by_size(steps), "peak_memory_mb_per_asset": _by_size(step_peaks)})
     return {"rows": rows_landed, "full_wall": full_wall}

@@ -310,6 +310,11 @@ def filter_clauses(filters: Mapping[str, str | Sequence[str]]) -> tuple[list[str
         values = [value] if isinstance(value, str) else list(value)
         if not values or not all(isinstance(v, str) and v for v in values):
             raise ValueError(f"filter {column!r} needs a non-empty string or list of strings")
+        try:
+            for v in values:
+                v.encode("utf-8")  # a lone surrogate cannot reach DuckDB
+        except UnicodeEncodeError:
+            raise ValueError(f"filter {column!r} holds text that is not valid Unicode") from None
         if len(values) == 1 and "*" in values[0]:
             escaped = values[0].replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
             clauses.append(_FILTER_LIKE_SQL[column])

@@ -35,10 +35,11 @@ def instance(tmp_path):
         yield instance
 
 
-def _land(paths, tmp_path, days: list[date], name: str = "fleet.jsonl") -> None:
+def _land(paths, tmp_path, days: list[date], name: str = "fleet.jsonl", *,
+          today: date = TODAY) -> None:
     rows = [metric_row(f"{d.isoformat()}T{h:02d}:00:00+00:00", "cpu_usage", 40.0 + h, test_name=None,
                        node_id="node-1", run=None) for d in days for h in range(0, 24, 6)]
-    ingest_files([write_jsonl(tmp_path / name, rows)], paths.landing, today=TODAY)
+    ingest_files([write_jsonl(tmp_path / name, rows)], paths.landing, today=today)
 
 
 def _tick(sensor, instance, defs, cursor=None):
@@ -161,7 +162,9 @@ def test_schedules_run_by_default_and_request_their_jobs(paths, instance):
 def test_retention_deletes_what_is_older_than_the_limit_and_keeps_the_rest(paths, tmp_path, instance):
     now = datetime.now(timezone.utc).replace(tzinfo=None)
     old, young = (now - timedelta(days=40)).date(), (now - timedelta(days=5)).date()
-    _land(paths, tmp_path, [old, young])
+    # landed by today's clock: the days are relative to it, and a fixed TODAY would file a
+    # young day that is ahead of it under quarantine as dated in the future
+    _land(paths, tmp_path, [old, young], today=now.date())
     defs = build_defs(paths)
     ingest = defs.resolve_job_def("daily_ingest_job")
     for day in (old, young):

@@ -38,10 +38,13 @@ def _iso(moment: datetime) -> str:
 
 def test_gateway_lands_exactly_the_valid_rows_and_the_pipeline_loads_them(gateway, paths):
     now = datetime.now(timezone.utc).replace(microsecond=0)
-    yesterday = now - timedelta(days=1)
+    # noon yesterday and midnight today: each row in its day whenever the test runs (around
+    # midnight, "five minutes ago" was yesterday), and none ahead of the clock
+    today = now.replace(hour=0, minute=0, second=0)
+    yesterday = today - timedelta(hours=12)
     valid = [metric_row(_iso(yesterday + timedelta(minutes=i)), value=1.0 + i / 10,
                         test_name=f"tests/test_gw.py::test_{i}") for i in range(6)]
-    valid += [metric_row(_iso(now - timedelta(minutes=5)), "cpu_usage", 42.0, test_name=None)]
+    valid += [metric_row(_iso(today), "cpu_usage", 42.0, test_name=None)]
 
     result = push_rows(gateway, valid, token=TOKEN)
     assert (result.status, result.accepted, result.rejected) == (200, 7, [])

@@ -159,8 +159,11 @@ def test_schedules_run_by_default_and_request_their_jobs(paths, instance):
         assert sensor.default_status == dg.DefaultSensorStatus.RUNNING, sensor.name
 
 
-def test_retention_deletes_what_is_older_than_the_limit_and_keeps_the_rest(paths, tmp_path, instance):
+def test_retention_deletes_what_is_older_than_the_limit_and_keeps_the_rest(paths, tmp_path, instance,
+                                                                          monkeypatch):
     now = datetime.now(timezone.utc).replace(tzinfo=None)
+    # the job reads this clock too: a midnight passing mid-test would move its cutoff a day
+    monkeypatch.setattr("perf_pipeline.defs.automation.utc_now", lambda: now)
     old, young = (now - timedelta(days=40)).date(), (now - timedelta(days=5)).date()
     # landed by today's clock: the days are relative to it, and a fixed TODAY would file a
     # young day that is ahead of it under quarantine as dated in the future
@@ -221,3 +224,4 @@ def test_a_run_retrains_the_models_only_when_they_are_missing_or_a_week_old(tmp_
         assert jobs_of(run_pipeline(paths, retrain=True, progress=lambda _: None)) == ["analysis_job"]
     with open_warehouse(paths.database, read_only=True) as wh:
         assert wh.oldest_current_model() > trained
+

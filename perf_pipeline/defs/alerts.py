@@ -8,7 +8,7 @@ from dagster_slack import SlackResource
 
 from perf_pipeline.alerts import OPEN, deliver_outbox, reconcile
 from perf_pipeline.config import ConfigError, load_monitoring
-from perf_pipeline.defs.analysis import utc_now
+from perf_pipeline.defs.analysis import ALERT_PATH_TAGS, utc_now
 from perf_pipeline.defs.resources import MonitoringResource, WarehouseResource
 from perf_pipeline.notify import DeliveryError
 from perf_pipeline.notify.email import EmailChannel
@@ -20,6 +20,7 @@ from perf_pipeline.storage.warehouse import WarehouseLockedError, open_warehouse
 @dg.asset(
     deps=["change_points", "regression_causes", "trend_stats"],
     pool="duckdb",
+    op_tags=ALERT_PATH_TAGS,
     group_name="alerts",
     kinds={"duckdb"},
     description="The alert outbox: one alert per regression incident still in effect and per "

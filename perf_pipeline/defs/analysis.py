@@ -73,6 +73,13 @@ class ChangePointConfig(WindowConfig):
     detection_workers: int = 0
 
 
+# The steps regression_alerts waits for, and it, run first where a run could pick another
+# (Dagster starts the ready step of the highest dagster/priority first, in any executor, and
+# hands a pool's slot to it first): a refresh raises its alerts before it works on
+# seasonality, forecasts, models and the dashboard, which no alert reads.
+ALERT_PATH_TAGS = {"dagster/priority": "10"}
+
+
 def utc_now() -> datetime:
     return datetime.now(timezone.utc).replace(tzinfo=None)
 
@@ -119,6 +126,7 @@ def _window_series(context: dg.AssetExecutionContext, config: WindowConfig,
 @dg.asset(
     deps=["normalized_timeseries"],
     pool="duckdb",
+    op_tags=ALERT_PATH_TAGS,
     group_name="analysis",
     kinds={"duckdb"},
     description="Trend of every series (overall, per test, per node) over the rolling window: "
@@ -188,7 +196,7 @@ def metric_steps(points: pd.DataFrame, points_per_step: int) -> list[list[str]]:
     return [step for step in steps if step]
 
 
-@dg.op(ins={"after": dg.In(dg.Nothing)}, out=dg.DynamicOut(), pool="duckdb",
+@dg.op(ins={"after": dg.In(dg.Nothing)}, out=dg.DynamicOut(), pool="duckdb", tags=ALERT_PATH_TAGS,
        description="The window's points, a part per step of metrics (each with the node load "
                    "metric, which per-test series are judged net of).")
 def change_point_window(context: dg.OpExecutionContext, config: ChangePointConfig,
@@ -208,7 +216,8 @@ def change_point_window(context: dg.OpExecutionContext, config: ChangePointConfi
                                mapping_key=_mapping_key(key))
 
 
-@dg.op(description="Confirmed changes of some metrics' series (no DuckDB: any worker can run it).")
+@dg.op(tags=ALERT_PATH_TAGS,
+       description="Confirmed changes of some metrics' series (no DuckDB: any worker can run it).")
 def detect_metric_changes(config: ChangePointConfig, metric_points: tuple) -> tuple:
     if config.detection_workers < 0:
         raise dg.Failure("change_points config: detection_workers must be >= 0")
@@ -219,7 +228,8 @@ def detect_metric_changes(config: ChangePointConfig, metric_points: tuple) -> tu
                                         workers=config.detection_workers or cores())
 
 
-@dg.op(pool="duckdb", description="Incidents across metrics; both tables replaced at once.")
+@dg.op(pool="duckdb", tags=ALERT_PATH_TAGS,
+       description="Incidents across metrics; both tables replaced at once.")
 def store_change_points(context: dg.OpExecutionContext, config: ChangePointConfig,
                         warehouse: WarehouseResource, found: list) -> None:
     computed_at = utc_now()
@@ -354,6 +364,7 @@ def anomalies(context: dg.AssetExecutionContext, config: AnomalyConfig,
 @dg.asset(
     deps=["normalized_timeseries"],
     pool="duckdb",
+    op_tags=ALERT_PATH_TAGS,
     group_name="analysis",
     kinds={"duckdb"},
     description="Pearson and Spearman correlations of every metric pair per node-hour and per "
@@ -387,6 +398,7 @@ def metric_correlations(context: dg.AssetExecutionContext, config: WindowConfig,
 @dg.asset(
     deps=["change_points", "metric_correlations"],
     pool="duckdb",
+    op_tags=ALERT_PATH_TAGS,
     group_name="analysis",
     kinds={"duckdb"},
     description="Suspected causes of every regression incident, ranked, with evidence: "

@@ -225,3 +225,25 @@ def test_a_run_retrains_the_models_only_when_they_are_missing_or_a_week_old(tmp_
     with open_warehouse(paths.database, read_only=True) as wh:
         assert wh.oldest_current_model() > trained
 
+
+def test_a_refresh_raises_its_alerts_before_the_analysis_no_alert_reads(tmp_path):
+    """The steps regression_alerts waits for run first (dagster/priority): the outbox is
+    written before seasonality, anomalies, forecasts, models and the dashboard start."""
+    from perf_pipeline.defs.runner import open_instance
+
+    paths = materialized_fleet(tmp_path, end=datetime(2026, 11, 20, tzinfo=timezone.utc),
+                               days=8, nodes=5, tests=5, runs_per_day=2)
+    with open_instance(paths) as instance:
+        run = instance.get_runs(limit=1)[0]
+        assert run.job_name == "analysis_job" and run.status == dg.DagsterRunStatus.SUCCESS
+        events = [(r.dagster_event.event_type, r.dagster_event.step_key)
+                  for r in instance.all_logs(run.run_id) if r.dagster_event
+                  and r.dagster_event.event_type in (dg.DagsterEventType.STEP_START,
+                                                     dg.DagsterEventType.STEP_SUCCESS)]
+    started = [key for kind, key in events if kind == dg.DagsterEventType.STEP_START]
+    alerted = events.index((dg.DagsterEventType.STEP_SUCCESS, "regression_alerts"))
+    before = {key for kind, key in events[:alerted] if kind == dg.DagsterEventType.STEP_START}
+    assert before == {"trend_stats", "metric_correlations", "regression_causes", "regression_alerts",
+                      *(key for key in started if key.startswith("change_points."))}
+    assert {"seasonal_profiles", "anomalies", "performance_models", "performance_forecasts",
+            "performance_dashboard"} <= set(started) - before

@@ -335,7 +335,7 @@ def fleet_anomalies(series: pd.DataFrame, *, threshold: float = 6.0, window: int
     floors = floor.reindex(series.index).to_numpy(dtype=float)
     run_nodes, run_ids = series["run_node_id"].to_numpy(dtype=object), series["test_run_id"].to_numpy(dtype=object)
     judged, tasks = [], []
-    for (scope, metric, test, node), positions in zip(grouped.size().index, np.split(order, bounds)):
+    for (scope, metric, test, _node), positions in zip(grouped.size().index, np.split(order, bounds)):
         values = levels[positions]
         if mostly_one_value(values):
             skipped += 1

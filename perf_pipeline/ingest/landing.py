@@ -22,12 +22,11 @@ from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
 
-import duckdb
 import pandas as pd
 
 from perf_pipeline.collect.files import write_atomic
 from perf_pipeline.config import START_DATE_ENV, partitions_start_date
-from perf_pipeline.ingest.formats import is_supported, rejected_record, stage_bytes
+from perf_pipeline.ingest.formats import is_supported, json_lines, rejected_record, stage_bytes
 from perf_pipeline.storage.warehouse import (
     STAGING_COLUMNS,
     LandingFile,
@@ -38,8 +37,6 @@ from perf_pipeline.storage.warehouse import (
 
 _DAY_FOLDER = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 _JSON_LINES = (".jsonl", ".ndjson")
-# DuckDB reads a path with these as a pattern; such a file goes through the parser instead.
-_GLOB_CHARACTERS = re.compile(r"[*?\[\]{}]")
 # A load stages at most this many bytes of landing files: a long backfill is a few large
 # statements rather than one per day, and its memory stays bounded.
 LOAD_CHUNK_BYTES = 256 * 2**20
@@ -149,21 +146,20 @@ def _relative(landing: Path, path: Path) -> str:
     return path.relative_to(landing).as_posix()
 
 
-def landing_files(landing: Path, day: date) -> list[tuple[Path, LandingFile]]:
-    """The day's landing files: where each is, and how loading records it."""
-    return [(path, LandingFile(path=_relative(landing, path), checksum=file_checksum(path),
-                               size_bytes=path.stat().st_size, day=day))
-            for path in day_files(landing, day)]
+def _read(landing: Path, path: Path, day: date) -> tuple[bytes, LandingFile]:
+    """A landing file's bytes, and how loading records it."""
+    data = path.read_bytes()
+    return data, LandingFile(path=_relative(landing, path), checksum=checksum(data),
+                             size_bytes=len(data), day=day)
 
 
 def read_landing_day(landing: Path, day: date) -> tuple[pd.DataFrame, list[LandingFile]]:
     """Stage every record of one landing day through the format parsers, with its files."""
     frames, files = [], []
     for path in day_files(landing, day):
-        data = path.read_bytes()
-        name = _relative(landing, path)
-        files.append(LandingFile(path=name, checksum=checksum(data), size_bytes=len(data), day=day))
-        frames.append(stage_bytes(data, suffix=path.suffix, source_file=name))
+        data, file = _read(landing, path, day)
+        files.append(file)
+        frames.append(stage_bytes(data, suffix=path.suffix, source_file=file.path))
     staged = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=STAGING_COLUMNS)
     return staged, files
 
@@ -173,40 +169,35 @@ def load_landing_days(warehouse: Warehouse, landing: Path, days: Sequence[date],
     """Replace `days` in the warehouse with their landing files, validated, in loads of at
     most `chunk_bytes` of files (a day is never split; each load is one transaction).
 
-    JSON Lines files, everything the archive writes itself, are read and split by DuckDB,
-    in one statement per load; any other format, and a JSON Lines file DuckDB cannot read
-    as UTF-8 text, goes through its parser in formats.py. Both stage the same records."""
+    JSON Lines files, everything the archive writes itself, are split into lines by
+    formats.json_lines (NumPy over the bytes, no Python object per line); any other format,
+    and a JSON Lines file that is not UTF-8, goes through its parser in formats.py. Both
+    stage the same records."""
     counts: dict[date, LoadCounts] = {}
-    for chunk in _load_chunks([(day, landing_files(landing, day)) for day in days], chunk_bytes):
+    sized = [(day, [(path, path.stat().st_size) for path in day_files(landing, day)]) for day in days]
+    for chunk in _load_chunks(sized, chunk_bytes):
         warehouse.begin_staging()
-        by_duckdb = []
-        for path, file in (entry for _, entries in chunk for entry in entries):
-            if path.suffix.lower() in _JSON_LINES and not _GLOB_CHARACTERS.search(str(path)):
-                by_duckdb.append((path, file))
-            else:
-                _stage_with_parser(warehouse, path, file)
-        try:
-            warehouse.stage_json_lines([(str(path), file.path, file.day) for path, file in by_duckdb])
-        except duckdb.Error:  # one file that is not UTF-8: find it, read the rest as planned
-            for path, file in by_duckdb:
-                try:
-                    warehouse.stage_json_lines([(str(path), file.path, file.day)])
-                except duckdb.Error:
-                    _stage_with_parser(warehouse, path, file)
-        counts.update(warehouse.replace_staged_days(
-            [day for day, _ in chunk], [file for _, entries in chunk for _, file in entries]))
+        files, split = [], []
+        for day, entries in chunk:
+            for path, _ in entries:
+                data, file = _read(landing, path, day)
+                files.append(file)
+                lines = json_lines(data) if path.suffix.lower() in _JSON_LINES else None
+                if lines is not None:
+                    split.append((file.path, day, *lines))
+                else:
+                    warehouse.stage_records(
+                        stage_bytes(data, suffix=path.suffix, source_file=file.path), day)
+        warehouse.stage_lines(split)
+        del split
+        counts.update(warehouse.replace_staged_days([day for day, _ in chunk], files))
     return counts
 
 
-def _stage_with_parser(warehouse: Warehouse, path: Path, file: LandingFile) -> None:
-    warehouse.stage_records(stage_bytes(path.read_bytes(), suffix=path.suffix,
-                                        source_file=file.path), file.day)
-
-
-def _load_chunks(days: list[tuple[date, list[tuple[Path, LandingFile]]]], limit: int):
+def _load_chunks(days: list[tuple[date, list[tuple[Path, int]]]], limit: int):
     chunk, size = [], 0
     for day, entries in days:
-        day_size = sum(file.size_bytes for _, file in entries)
+        day_size = sum(size for _, size in entries)
         if chunk and size + day_size > limit:
             yield chunk
             chunk, size = [], 0

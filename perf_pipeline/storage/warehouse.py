@@ -282,18 +282,18 @@ _FILTER_IN_SQL = {c: f"n.{c} IN (SELECT unnest(CAST(? AS VARCHAR[])))" for c in 
 _FILTER_LIKE_SQL = {c: f"n.{c} LIKE ? ESCAPE '\\'" for c in FILTER_COLUMNS}
 
 
-# The window's points with names only, in stored order (see Warehouse._window_categories).
-_WINDOW_NAMES_SQL = """
-    SELECT n.timestamp, n.metric_name, n.test_name, n.test_type, n.node_id, n.node_type,
-           n.value, n.test_run_id, n.ci_job_id, n.commit_sha
+# The window's points with names only, in stored order (see Warehouse._window_categories),
+# and with each metric's scope and direction, in time order.
+_WINDOW_COLUMNS = ("n.timestamp, n.metric_name, n.test_name, n.test_type, n.node_id, n.node_type, "
+                   "n.value, n.test_run_id, n.ci_job_id, n.commit_sha")
+_WINDOW_NAMES_SQL = f"""
+    SELECT {_WINDOW_COLUMNS}
     FROM normalized_timeseries n
     WHERE n.timestamp > ? AND n.timestamp <= ? /* filters */
 """
 _WINDOW_BATCH_ROWS = 1_000_000
-_WINDOW_POINTS_SQL = """
-    SELECT n.timestamp, n.metric_name, n.test_name, n.test_type, n.node_id, n.node_type,
-           n.value, n.test_run_id, n.ci_job_id, n.commit_sha, c.scope AS metric_scope,
-           c.direction
+_WINDOW_POINTS_SQL = f"""
+    SELECT {_WINDOW_COLUMNS}, c.scope AS metric_scope, c.direction
     FROM normalized_timeseries n JOIN metric_catalog c USING (metric_name)
     WHERE n.timestamp > ? AND n.timestamp <= ? /* filters */
     ORDER BY n.timestamp
@@ -333,28 +333,9 @@ _STAGE_RECORDS_SQL = """
 INSERT INTO staging_input
 SELECT source_file, source_line, raw_line, pre_reason, CAST(? AS DATE) FROM staged_frame
 """
-# JSON Lines files read whole by DuckDB, then split into numbered lines the way
-# formats.parse_jsonl numbers them: from 1, blank lines skipped but counted, trailing
-# carriage returns dropped, byte order marks before the first line ignored.
-_READ_TEXTS_SQL = """
-CREATE OR REPLACE TEMP TABLE staging_texts AS
-WITH wanted AS (
-    SELECT unnest(CAST($1 AS VARCHAR[])) AS location, unnest(CAST($2 AS VARCHAR[])) AS name,
-           unnest(CAST($3 AS DATE[])) AS day
-)
-SELECT w.name, w.day, string_split(t.content, chr(10)) AS lines
-FROM read_text($1) t JOIN wanted w ON t.filename = w.location
-"""
-_STAGE_TEXTS_SQL = """
+_STAGE_LINES_SQL = """
 INSERT INTO staging_input
-SELECT name, number,
-    CASE WHEN number = 1 THEN ltrim(text, chr(65279)) ELSE text END, NULL, day
-FROM (
-    SELECT name, day, number, CASE WHEN ends_with(line, chr(13)) THEN rtrim(line, chr(13)) ELSE line END AS text
-    FROM (SELECT name, day, unnest(lines) AS line, generate_subscripts(lines, 1) AS number
-          FROM staging_texts)
-    -- most lines start with '{': only the others are searched for anything but white space
-    WHERE starts_with(line, '{') OR trim(line, ' ' || chr(9) || chr(10) || chr(11) || chr(12) || chr(13)) <> '')
+SELECT source_file, source_line, raw_line, NULL, partition_day FROM staged_lines
 """
 _DELETE_DAYS_SQL = {table: f"DELETE FROM {table} WHERE partition_day IN (SELECT unnest(CAST(? AS DATE[])))"
                     for table in ("quarantined_metrics", "ingested_files", "normalized_days")}
@@ -542,24 +523,25 @@ class Warehouse:
         finally:
             self.con.unregister("staged_frame")
 
-    def stage_json_lines(self, files: Sequence[tuple[str, str, date]]) -> None:
-        """Add every non-blank line of JSON Lines files, read and split by DuckDB itself, as
-        formats.parse_jsonl would stage them: `files` are (location on disk, name to record,
-        partition day). Raises duckdb.Error, staging nothing, when a file is not UTF-8 text
-        or cannot be read (the caller stages that file through the format parser instead)."""
+    def stage_lines(self, files: Sequence[tuple[str, date, np.ndarray, pa.Array]]) -> None:
+        """Add files' records split by formats.json_lines: (name to record, partition day,
+        line numbers, texts) per file, in one statement."""
         if not files:
             return
-        locations = [location for location, _, _ in files]
-        self.con.execute(_READ_TEXTS_SQL, [locations, [name for _, name, _ in files],
-                                           [day for _, _, day in files]])
+        sizes = [len(numbers) for _, _, numbers, _ in files]
+        which = np.repeat(np.arange(len(files), dtype=np.int32), sizes)
+        staged = pa.table({
+            "source_file": pa.DictionaryArray.from_arrays(which, [name for name, _, _, _ in files]),
+            "source_line": np.concatenate([numbers for _, _, numbers, _ in files]),
+            "raw_line": pa.chunked_array([lines for _, _, _, lines in files], pa.large_string()),
+            "partition_day": pa.DictionaryArray.from_arrays(
+                which, pa.array([day for _, day, _, _ in files], pa.date32())),
+        })
+        self.con.register("staged_lines", staged)
         try:
-            read = self.con.execute("SELECT count(*) FROM staging_texts").fetchall()[0][0]
-            if read != len(files):
-                raise duckdb.InvalidInputException(
-                    f"read_text returned {read} of {len(files)} files")
-            self.con.execute(_STAGE_TEXTS_SQL)
+            self.con.execute(_STAGE_LINES_SQL)
         finally:
-            self.con.execute("DROP TABLE IF EXISTS staging_texts")
+            self.con.unregister("staged_lines")
 
     def _validate(self) -> None:
         """staging_input -> validated (see _VALIDATE_SQL)."""

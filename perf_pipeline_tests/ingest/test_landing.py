@@ -3,10 +3,9 @@
 import json
 from datetime import date, datetime, timezone
 
-import duckdb
 import pytest
 
-from perf_pipeline.ingest.formats import UnsupportedFormatError, stage_bytes
+from perf_pipeline.ingest.formats import UnsupportedFormatError, json_lines, stage_bytes
 from perf_pipeline.ingest.landing import (
     ingest_files,
     landed_days,
@@ -206,8 +205,8 @@ def _stored(database):
             "SELECT * EXCLUDE (loaded_at) FROM ingested_files ORDER BY path"))
 
 
-def test_duckdb_reads_json_lines_exactly_as_the_format_parser_stages_them(paths, tmp_path):
-    """The bulk path (DuckDB reads and splits the files) and the parser path must store the
+def test_the_bulk_splitter_reads_json_lines_exactly_as_the_format_parser_stages_them(paths, tmp_path):
+    """The bulk path (formats.json_lines splits the files) and the parser path must store the
     same rows, quarantine the same records for the same reasons, and count the same files."""
     good = metric_row("2026-11-01T10:00:00Z", value=2.5, run="run-1")
     escaped = metric_row("2026-11-01T11:00:00Z", test_name='tests/a "quoted" \\ name', run="r2")
@@ -242,12 +241,12 @@ def test_duckdb_reads_json_lines_exactly_as_the_format_parser_stages_them(paths,
 
     assert counts == expected
     assert counts.rows_read == len(odd) - 2 + 2 + 1 + 1 and counts.files == 4
-    with open_warehouse(paths.database) as wh:  # DuckDB reads the UTF-8 file itself …
-        wh.begin_staging()
-        wh.stage_json_lines([(str(folder / "odd.jsonl"), "odd.jsonl", DAY)])
-        assert wh.con.execute("SELECT count(*) FROM staging_input").fetchall()[0][0] == len(odd) - 2
-        with pytest.raises(duckdb.Error):  # … and refuses the other, which the parser reads
-            wh.stage_json_lines([(str(folder / "latin1.jsonl"), "latin1.jsonl", DAY)])
+    # the bulk splitter took the UTF-8 file itself (the blank lines skipped, their numbers
+    # kept) and refused the other, which the parser read
+    numbers, lines = json_lines((folder / "odd.jsonl").read_bytes())
+    assert list(numbers) == [1, 2, *range(5, len(odd) + 1)]
+    assert lines.to_pylist() == [json.dumps(good), odd[1][:-1], *odd[4:]]
+    assert json_lines((folder / "latin1.jsonl").read_bytes()) is None
     assert _stored(paths.database) == _stored(by_parser)
     with open_warehouse(paths.database, read_only=True) as wh:
         reasons = dict(wh.con.execute(

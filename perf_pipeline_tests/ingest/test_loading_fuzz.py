@@ -9,6 +9,7 @@ from datetime import date
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from perf_pipeline.ingest.formats import json_lines, parse_jsonl
 from perf_pipeline.ingest.landing import load_landing_days, read_landing_day
 from perf_pipeline.storage.warehouse import Warehouse, connect
 
@@ -62,3 +63,15 @@ def test_duckdb_and_the_parser_stage_the_same_records(tmp_path_factory, lines, b
     assert counts == expected
     assert counts.rows_read == expected_records == counts.rows_loaded + counts.rows_quarantined
     assert _stored(by_duckdb) == _stored(by_parser)
+
+
+@settings(max_examples=300, deadline=None)
+@given(parts=st.lists(st.one_of(LINE, ENDING, st.sampled_from(["\ufeff", "\r", "{", " "])), max_size=20))
+def test_the_bulk_splitter_finds_the_records_the_parser_finds(parts):
+    """formats.json_lines, which splits the bytes without a Python object per line, yields
+    the line numbers and texts parse_jsonl does, whatever the mix of endings and blanks."""
+    data = "".join(parts).encode("utf-8")
+    numbers, lines = json_lines(data)
+    assert list(zip(numbers.tolist(), lines.to_pylist())) == [
+        (number, text) for number, text, _ in parse_jsonl(data)]
+    assert json_lines(data + b"\n\xff\n") is None  # not UTF-8: left to the parser

@@ -7,8 +7,10 @@ last simulated day is held back and landed after the full run, to time an increm
 refresh. The pipeline runs as `perf-pipeline run` subprocesses, as users run it, so each
 phase's peak memory is its own process's: the larger of the kernel's high-water mark of it
 (VmHWM) and its memory with its worker processes' sampled every 0.2 s; each step's peak is
-the latter while the step ran (a spike shorter than that can be missed). Figures are
-printed, never asserted.
+the latter while the step ran (a spike shorter than that can be missed). Each run also
+reports when its alert outbox was written (`alerts_written_after_seconds`, from the
+command's start), the delay before a regression can reach Slack. Figures are printed, never
+asserted.
 """
 
 from __future__ import annotations
@@ -119,13 +121,22 @@ def _cli(arguments: list[str], env: dict) -> tuple[float, float, Samples]:
     return measured([sys.executable, "-m", "perf_pipeline.cli", *arguments], env)
 
 
-def _step_seconds(env: dict, since: float, samples: Samples) -> tuple[dict[str, float], dict[str, float]]:
-    """(seconds per asset (step), the process's peak MB while it ran, from `samples`) over
-    the runs that started after `since` (epoch seconds)."""
+def alerts_written(steps_ended: dict[str, float], since: float) -> float | None:
+    """Seconds from `since` (a command's start) until the alert outbox was written (the end
+    of the regression_alerts step), or None if no run wrote it."""
+    return round(steps_ended["regression_alerts"] - since, 1) if "regression_alerts" in steps_ended else None
+
+
+def _step_seconds(env: dict, since: float, samples: Samples) -> tuple[dict[str, float], dict[str, float],
+                                                                       dict[str, float]]:
+    """(seconds per asset (step), the process's peak MB while it ran, from `samples`, and
+    when (epoch seconds) it last ended) over the runs that started after `since` (epoch
+    seconds)."""
     from perf_pipeline.defs.runner import open_instance
 
     seconds: dict[str, float] = defaultdict(float)
     peaks: dict[str, float] = defaultdict(float)
+    ended: dict[str, float] = {}
     with open_instance(paths_from_env(env)) as instance:
         for run in instance.get_runs():
             stats = instance.get_run_stats(run.run_id)
@@ -134,11 +145,12 @@ def _step_seconds(env: dict, since: float, samples: Samples) -> tuple[dict[str, 
             for step in instance.get_run_step_stats(run.run_id):
                 if step.start_time and step.end_time:
                     seconds[step.step_key] += step.end_time - step.start_time
+                    ended[step.step_key] = max(ended.get(step.step_key, 0.0), step.end_time)
                     # a step shorter than the interval: the last sample before it ended
                     during = [mb for at, mb in samples if step.start_time <= at <= step.end_time] \
                         or [mb for at, mb in samples if at <= step.end_time][-1:]
                     peaks[step.step_key] = max(peaks[step.step_key], *during, 0.0)
-    return dict(seconds), dict(peaks)
+    return dict(seconds), dict(peaks), ended
 
 
 def _by_size(figures: dict[str, float]) -> dict[str, float]:
@@ -214,7 +226,7 @@ def run_size(size: str, workdir: Path, emit: Emit = _print, *, incremental: bool
 
     since = time.time()
     full_wall, full_peak, samples = _cli(["run"], env)
-    steps, step_peaks = _step_seconds(env, since, samples)
+    steps, step_peaks, ended = _step_seconds(env, since, samples)
     raw_seconds = steps.get("raw_metrics", float("nan"))
     duck_rows, duck_seconds = _duckdb_bulk_load(landing, workdir)
     ours, theirs = rows_landed / raw_seconds, duck_rows / duck_seconds
@@ -224,6 +236,7 @@ def run_size(size: str, workdir: Path, emit: Emit = _print, *, incremental: bool
           "ratio": round(ours / theirs, 3)})
     emit({"size": size, "figure": "full_materialization", "rows": rows_landed,
           "wall_seconds": round(full_wall, 1), "peak_memory_mb": round(full_peak, 2),
+          "alerts_written_after_seconds": alerts_written(ended, since),
           "seconds_per_asset": _by_size(steps), "peak_memory_mb_per_asset": _by_size(step_peaks)})
 
     if not incremental:
@@ -232,10 +245,11 @@ def run_size(size: str, workdir: Path, emit: Emit = _print, *, incremental: bool
     _cli(["ingest", str(workdir / "fleet" / day_folders[-1].name)], env)
     since = time.time()
     incremental_wall, incremental_peak, samples = _cli(["run"], env)
-    steps, step_peaks = _step_seconds(env, since, samples)
+    steps, step_peaks, ended = _step_seconds(env, since, samples)
     emit({"size": size, "figure": "incremental_refresh", "new_days": 1,
           "wall_seconds": round(incremental_wall, 1), "peak_memory_mb": round(incremental_peak, 2),
           "share_of_full": round(incremental_wall / full_wall, 3),
+          "alerts_written_after_seconds": alerts_written(ended, since),
           "seconds_per_asset": _by_size(steps), "peak_memory_mb_per_asset": _by_size(step_peaks)})
     return {"rows": rows_landed, "full_wall": full_wall}
 

@@ -32,6 +32,9 @@ def test_scale_benchmark_prints_every_figure_at_size_s(tmp_path):
     peaks = figures[3]["peak_memory_mb_per_asset"]
     assert set(peaks) == set(figures[3]["seconds_per_asset"])
     assert 0 < peaks["raw_metrics"] <= figures[3]["peak_memory_mb"]
+    # the outbox is written within each run (figures[4] is the refresh after one new day)
+    for figure in figures[3:]:
+        assert 0 < figure["alerts_written_after_seconds"] < figure["wall_seconds"]
 
 
 def test_a_command_s_peak_is_its_own_not_its_parent_s():

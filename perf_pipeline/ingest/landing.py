@@ -40,6 +40,11 @@ _JSON_LINES = (".jsonl", ".ndjson")
 # A load stages at most this many bytes of landing files: a long backfill is a few large
 # statements rather than one per day, and its memory stays bounded.
 LOAD_CHUNK_BYTES = 256 * 2**20
+# Split JSON Lines reach DuckDB's staging table in groups of files of about this size: few
+# inserts, and little held in Python at once. At M (311 MB in 31 files) staging took
+# 0.9-1.1 s with a 1.2 GB peak, against 1.4-1.6 s and 1.35-1.4 GB for a whole load at once
+# and 1.9 s and 1.0 GB for a file at a time.
+STAGE_GROUP_BYTES = 64 * 2**20
 # Clocks on test nodes drift; a record further ahead than this is a bad clock, not a metric.
 FUTURE_TOLERANCE = timedelta(days=1)
 # What both load paths skip as a blank line (bytes.strip() in formats, trim() in DuckDB).
@@ -177,7 +182,7 @@ def load_landing_days(warehouse: Warehouse, landing: Path, days: Sequence[date],
     sized = [(day, [(path, path.stat().st_size) for path in day_files(landing, day)]) for day in days]
     for chunk in _load_chunks(sized, chunk_bytes):
         warehouse.begin_staging()
-        files, split = [], []
+        files, split, split_bytes = [], [], 0
         for day, entries in chunk:
             for path, _ in entries:
                 data, file = _read(landing, path, day)
@@ -185,9 +190,13 @@ def load_landing_days(warehouse: Warehouse, landing: Path, days: Sequence[date],
                 lines = json_lines(data) if path.suffix.lower() in _JSON_LINES else None
                 if lines is not None:
                     split.append((file.path, day, *lines))
+                    split_bytes += len(data)
                 else:
                     warehouse.stage_records(
                         stage_bytes(data, suffix=path.suffix, source_file=file.path), day)
+                if split_bytes >= STAGE_GROUP_BYTES:
+                    warehouse.stage_lines(split)
+                    split, split_bytes = [], 0
         warehouse.stage_lines(split)
         del split
         counts.update(warehouse.replace_staged_days([day for day, _ in chunk], files))

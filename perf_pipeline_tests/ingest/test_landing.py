@@ -13,6 +13,7 @@ from perf_pipeline.ingest.landing import (
     read_landing_day,
     write_atomic,
 )
+from perf_pipeline.ingest import landing as landing_module
 from perf_pipeline.ingest.simulator import simulate_fleet
 from perf_pipeline.storage import warehouse
 from perf_pipeline.storage.warehouse import open_warehouse
@@ -205,9 +206,13 @@ def _stored(database):
             "SELECT * EXCLUDE (loaded_at) FROM ingested_files ORDER BY path"))
 
 
-def test_the_bulk_splitter_reads_json_lines_exactly_as_the_format_parser_stages_them(paths, tmp_path):
-    """The bulk path (formats.json_lines splits the files) and the parser path must store the
-    same rows, quarantine the same records for the same reasons, and count the same files."""
+@pytest.mark.parametrize("group_bytes", [1, landing_module.STAGE_GROUP_BYTES])
+def test_the_bulk_splitter_reads_json_lines_exactly_as_the_format_parser_stages_them(
+        paths, tmp_path, monkeypatch, group_bytes):
+    """The bulk path (formats.json_lines splits the files, staged a file at a time or all
+    at once) and the parser path must store the same rows, quarantine the same records for
+    the same reasons, and count the same files."""
+    monkeypatch.setattr(landing_module, "STAGE_GROUP_BYTES", group_bytes)
     good = metric_row("2026-11-01T10:00:00Z", value=2.5, run="run-1")
     escaped = metric_row("2026-11-01T11:00:00Z", test_name='tests/a "quoted" \\ name', run="r2")
     odd = [

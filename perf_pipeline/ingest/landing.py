@@ -47,7 +47,7 @@ LOAD_CHUNK_BYTES = 256 * 2**20
 STAGE_GROUP_BYTES = 64 * 2**20
 # Clocks on test nodes drift; a record further ahead than this is a bad clock, not a metric.
 FUTURE_TOLERANCE = timedelta(days=1)
-# What both load paths skip as a blank line (bytes.strip() in formats, trim() in DuckDB).
+# What loading skips as a blank line (bytes.strip() in formats.json_lines and parse_jsonl).
 _BLANK = " \t\n\r\x0b\x0c"
 
 

@@ -547,7 +547,9 @@ class Warehouse:
         """staging_input -> validated (see _VALIDATE_SQL)."""
         try:
             self.con.execute(_VALIDATE_STRICT_SQL)
-        except (duckdb.InvalidInputException, duckdb.ConversionException):
+        except (duckdb.InvalidInputException, duckdb.ConversionException, UnicodeDecodeError):
+            # UnicodeDecodeError: DuckDB quoted a line that is not JSON in its message, cut
+            # inside a character (a line of 100 "é"), and the driver could not decode it
             self.con.execute(_VALIDATE_TOLERANT_SQL)
 
     def landing_days_of(self, staged: pd.DataFrame) -> list[date | None]:

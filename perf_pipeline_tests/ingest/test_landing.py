@@ -375,6 +375,20 @@ def test_a_first_line_of_only_a_byte_order_mark_and_blanks_is_still_one_record(p
     assert _load_day(paths, DAY)[0].rows_loaded == 1
 
 
+def test_a_line_of_accented_text_that_is_not_json_is_quarantined_not_a_crash(paths, tmp_path):
+    """DuckDB quotes a line it cannot parse in its error, cut after so many bytes: inside a
+    character, the driver raised UnicodeDecodeError and the whole load failed (a fuzz test's
+    random draw found it)."""
+    source = tmp_path / "accents.jsonl"
+    source.write_text("é" * 100 + "x\n" + json.dumps(metric_row("2026-11-01T10:00:00Z")) + "\n",
+                      encoding="utf-8")
+    ingest_files([source], paths.landing, today=TODAY)
+    counts = _load_day(paths, TODAY)[0]
+    assert (counts.rows_read, counts.rows_quarantined) == (1, 1)
+    assert counts.top_reasons == [("line is not valid JSON", 1)]
+    assert _load_day(paths, DAY)[0].rows_loaded == 1
+
+
 def test_a_record_sending_the_reserved_rejected_field_without_a_reason_gets_one(paths, tmp_path):
     good = metric_row("2026-11-01T10:00:00Z")
     rows = [{**good, "_rejected": ""}, {**good, "_rejected": " "}, {**good, "_rejected": 5},

@@ -104,6 +104,21 @@ def _spread(points: pd.DataFrame, at: pd.Timestamp, by: str, magnitude: float) -
     return shifted, judged
 
 
+def _named_as(contexts: pd.DataFrame, series: pd.DataFrame) -> pd.DataFrame:
+    """`contexts` with its run and node names of the same categories as `series`' where
+    those are categories, so that each incident's join matches integer codes instead of
+    factorizing every context row's names again (at L, 75 joins took 6.4 s). A row whose
+    run or node the series do not hold could not join anyway and is left out."""
+    named = {}
+    for column, like in (("test_run_id", "test_run_id"), ("node_id", "run_node_id")):
+        if like in series and isinstance(series[like].dtype, pd.CategoricalDtype):
+            named[column] = pd.Categorical(contexts[column], dtype=series[like].dtype)
+    if not named:
+        return contexts
+    contexts = contexts.assign(**named)
+    return contexts.dropna(subset=list(named))
+
+
 def _context_causes(points: pd.DataFrame, at: pd.Timestamp, contexts: pd.DataFrame) -> list[dict]:
     runs = points.dropna(subset=["test_run_id"])[["test_run_id", "run_node_id", "timestamp"]]
     runs = runs.drop_duplicates(["test_run_id", "run_node_id"])
@@ -224,6 +239,7 @@ def suspected_causes(incidents: pd.DataFrame, changes: pd.DataFrame, series: pd.
     `correlations.metric_correlations`."""
     rows = []
     index = _SeriesIndex(series)
+    contexts = _named_as(contexts, series)
     for incident in incidents[incidents["kind"] != "improvement"].itertuples(index=False):
         members = changes[changes["incident_id"] == incident.incident_id]
         at = pd.Timestamp(incident.timestamp)

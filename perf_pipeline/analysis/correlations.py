@@ -140,15 +140,23 @@ def _context_fields(text: object) -> list[tuple[str, str]]:
 
 def flatten_contexts(contexts: pd.DataFrame) -> pd.DataFrame:
     """(test_run_id, node_id, field, value) from `run_contexts`' JSON text, nested keys
-    joined with dots; values as text."""
-    parsed: dict[object, list[tuple[str, str]]] = {}  # runs share a handful of documents
-    rows = []
-    for run, node, text in contexts[["test_run_id", "node_id", "context"]].itertuples(index=False):
-        fields = parsed.get(text)
-        if fields is None:
-            fields = parsed[text] = _context_fields(text)
-        rows.extend((run, node, field, value) for field, value in fields)
-    return pd.DataFrame(rows, columns=["test_run_id", "node_id", "field", "value"])
+    joined with dots; values as text, in the order of `contexts` and of each document's
+    fields. Runs share a handful of documents: each is parsed once, and its fields are laid
+    out for its rows by array indexing, not a Python tuple per row (at L, 266k runs' 2.2 s)."""
+    documents, texts = pd.factorize(contexts["context"], use_na_sentinel=False)
+    fields = [_context_fields(text) for text in texts]
+    per_document = np.array([len(f) for f in fields], dtype=np.int64)
+    first = np.cumsum(per_document) - per_document  # each document's first field, in `names`
+    names = np.array([name for f in fields for name, _ in f] or [""], dtype=object)
+    values = np.array([value for f in fields for _, value in f] or [""], dtype=object)
+    counts = per_document[documents]  # fields of each row
+    rows = np.repeat(np.arange(len(contexts)), counts)
+    within = np.arange(len(rows)) - np.repeat(np.cumsum(counts) - counts, counts)
+    taken = np.repeat(first[documents], counts) + within
+    return pd.DataFrame({"test_run_id": contexts["test_run_id"].to_numpy()[rows],
+                         "node_id": contexts["node_id"].to_numpy()[rows],
+                         "field": names[taken], "value": values[taken]},
+                        columns=["test_run_id", "node_id", "field", "value"])
 
 
 def _cliffs_delta(units: pd.DataFrame, group: str) -> float:

@@ -246,8 +246,12 @@ def find_period(values: np.ndarray, *, max_period: int | None = None) -> int | N
     lags = np.arange(4, max_period + 1, 2)
     if len(lags) == 0:
         return None
-    half = _lag_spreads(values, lags // 2)
-    full = _lag_spreads(values, lags)
+    # the half lags 2, 3, ..., and the full lags 4, 6, ... share the even lags up to
+    # max_period / 2: each spread is computed once (a quarter fewer of them)
+    needed = np.union1d(lags // 2, lags)
+    spreads = _lag_spreads(values, needed)
+    half = spreads[np.searchsorted(needed, lags // 2)]
+    full = spreads[np.searchsorted(needed, lags)]
     usable = half > 0
     ratios = dict(zip(lags[usable].tolist(), (full[usable] / half[usable]).tolist()))
     if not ratios or min(ratios.values()) > _PERIOD_RATIO:

@@ -55,17 +55,15 @@ def build_series(points: pd.DataFrame) -> pd.DataFrame:
     cancels load that the fleet or the node shares with its peers.
     """
     points = as_categories(points)
-    scope_of = points["metric_scope"]
-    test_rows = np.flatnonzero((scope_of == "test").to_numpy())
-    # the columns the per-test levels are computed from, not a copy of every column
-    per_test = points.iloc[test_rows, points.columns.get_indexer(
-        ["timestamp", "metric_name", "test_name", "node_id", "test_run_id", "value"])]
+    points = points.assign(run_node_id=points["node_id"])
+    per_test = points[points["metric_scope"] == "test"]
     # names as integer codes, found once: grouping by text columns factorized them again
     # for every grouping, which cost most of this function
     metric, test, node, run = (_codes(per_test[name])
                                for name in ("metric_name", "test_name", "node_id", "test_run_id"))
     base = per_test["value"].groupby([metric, test]).transform("median")
     relative = per_test["value"] / base.where(base > 0)
+    per_test = per_test.assign(relative=relative)
     # A test's runs land on different nodes; dividing by each node's typical speed for the
     # metric keeps a slow node's runs from looking like a change in the test.
     node_speed = relative.groupby([metric, node]).transform("median")
@@ -83,43 +81,24 @@ def build_series(points: pd.DataFrame) -> pd.DataFrame:
     by_run = (relative / speed).groupby([metric, run])
     run_speed = by_run.transform("median").where(by_run.transform("count") >= MIN_RUN_TESTS)
     node_level = relative / run_level.where(run_level > 0).fillna(1.0)
-    del metric, test, node, run, base, node_speed, run_level, by_run
-    test_level = per_test["value"] / speed
-    node_shift = node_level / _load_factor(per_test, node_level, points)
-    del per_test, speed
-    kept = node_level.notna().to_numpy()  # a node's per-test points with a level
-    # The series, in this order: per-test points as their tests' series (scope "test", no
-    # node), the same points as their nodes' series (scope "node", no test), node metrics
-    # (scope "node") and per-run metrics (scope "overall", neither). Their rows are taken
-    # from `points` in one copy, and the computed columns are filled in part by part: the
-    # window's series are the largest frame an analysis holds, and building each part as
-    # a frame and concatenating them held it about three times over (at L, 1.2 GB).
-    parts = [test_rows, test_rows[kept], np.flatnonzero((scope_of == "node").to_numpy()),
-             np.flatnonzero((scope_of == "run").to_numpy())]
-    sizes = [len(part) for part in parts]
-    series = points.take(np.concatenate(parts))
-    series.index = pd.RangeIndex(len(series))
-    start = np.cumsum([0, *sizes])  # part k is series[start[k]:start[k + 1]]
-    nothing = np.full(sizes[2] + sizes[3], np.nan)
-
-    def without_names(column: str, *blank_parts: int) -> pd.Categorical:
-        codes = series[column].cat.codes.to_numpy().copy()
-        for k in blank_parts:
-            codes[start[k]:start[k + 1]] = -1
-        return pd.Categorical.from_codes(codes, dtype=series[column].dtype)
-
-    values = series["value"].to_numpy()
-    return series.assign(
-        run_node_id=series["node_id"], node_id=without_names("node_id", 0, 3),
-        test_name=without_names("test_name", 1, 3),
-        relative=np.concatenate([relative.to_numpy(), relative.to_numpy()[kept], nothing]),
-        scope=pd.Categorical.from_codes(np.repeat(
-            [SCOPES.categories.get_loc(name) for name in ("test", "node", "node", "overall")], sizes)
-            .astype(np.int8), dtype=SCOPES),
-        level=np.concatenate([test_level.to_numpy(), node_level.to_numpy()[kept], values[start[2]:]]),
-        run_factor=np.concatenate([run_speed.to_numpy(), np.full(len(series) - sizes[0], np.nan)]),
-        shift_level=np.concatenate([(test_level / run_speed.where(run_speed > 0).fillna(1.0)).to_numpy(),
-                                    node_shift.to_numpy()[kept], nothing]))
+    # the window's series are the largest frame an analysis holds: the intermediates go
+    # before the parts are built and concatenated (at L, 0.5 GB of the peak)
+    del metric, test, node, run, base, relative, node_speed, run_level, by_run
+    per_node = points[points["metric_scope"] == "node"]
+    per_run = points[points["metric_scope"] == "run"]
+    frames = [
+        per_test.assign(scope=_same(SCOPES, "test", per_test), node_id=_missing(points["node_id"], per_test),
+                        level=per_test["value"] / speed, run_factor=run_speed,
+                        shift_level=per_test["value"] / speed / run_speed.where(run_speed > 0).fillna(1.0)),
+        per_test.assign(scope=_same(SCOPES, "node", per_test), test_name=_missing(points["test_name"], per_test),
+                        level=node_level,
+                        shift_level=node_level / _load_factor(per_test, node_level, points))
+        .dropna(subset=["level"]),
+        per_node.assign(scope=_same(SCOPES, "node", per_node), level=per_node["value"]),
+        per_run.assign(scope=_same(SCOPES, "overall", per_run), test_name=_missing(points["test_name"], per_run),
+                       node_id=_missing(points["node_id"], per_run), level=per_run["value"]),
+    ]
+    return pd.concat(frames, ignore_index=True)
 
 
 # The names of points and series: categories (integer codes into the sorted names) rather

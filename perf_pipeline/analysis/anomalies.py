@@ -322,8 +322,8 @@ def fleet_anomalies(series: pd.DataFrame, *, threshold: float = 6.0, window: int
     half the values are one value (rare-event counts, rates stuck at 100%) are skipped.
     """
     keys = ["scope", "metric_name", "test_name", "node_id"]
-    # only the columns used, filtered once: the window's series are the step's largest frame,
-    # and each filter of all their columns copied it (at L 0.4 GB of the step's peak)
+    # only the columns used: the window's series are the step's largest frame, and a filter
+    # of all their columns copies every one of them
     series = series.loc[~((series["scope"] == "node") & (series["metric_scope"] == "test")),
                         [*keys, "timestamp", "level", "value", "run_node_id", "test_run_id"]]
     tests = series[series["scope"] == "test"]
@@ -372,7 +372,7 @@ def fleet_anomalies(series: pd.DataFrame, *, threshold: float = 6.0, window: int
             rows.append({
                 "scope": scope, "metric_name": metric, "test_name": None if pd.isna(test) else test,
                 # names as text only for the few rows found: the whole column as text is a
-                # Python string per row (at L 0.7 GB for these two)
+                # Python string per row (at L about 0.6 GB for these two)
                 "node_id": series["run_node_id"].iloc[first],
                 "timestamp": series["timestamp"].iloc[first], "end_timestamp": series["timestamp"].iloc[last],
                 "test_run_id": series["test_run_id"].iloc[first], "kind": anomaly.kind, "score": anomaly.score,

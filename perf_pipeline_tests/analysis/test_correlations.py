@@ -89,3 +89,26 @@ def test_context_fields_are_flattened_and_a_new_image_is_an_effect_on_its_runs()
     medians = dict(part.split(": ") for part in image.detail.split("; "))
     assert float(medians["v1"]) == pytest.approx(1.0, abs=0.02)
     assert float(medians["v2"]) == pytest.approx(1.3, abs=0.04)
+
+
+def test_each_runs_context_fields_come_in_run_order_and_documents_without_fields_give_none():
+    shared = json.dumps({"runner": {"image": "v1", "cores": 8}, "flaky": True, "tags": ["a"]})
+    contexts = pd.DataFrame({
+        "test_run_id": ["r1", "r2", "r3", "r4", "r5", "r6"],
+        "node_id": ["n1", "n2", "n1", "n3", "n2", "n1"],
+        "context": [shared, "not json", json.dumps({"ratio": 0.5, "count": 2}), None,
+                    json.dumps([1, 2]), shared]})
+    flat = flatten_contexts(contexts)
+    # a level's own values before its nested objects' (pd.json_normalize's order); a list is
+    # no configuration, and numbers of one document read alike (2 beside 0.5: 2.0)
+    assert flat.to_dict("records") == [
+        {"test_run_id": "r1", "node_id": "n1", "field": "flaky", "value": "True"},
+        {"test_run_id": "r1", "node_id": "n1", "field": "runner.image", "value": "v1"},
+        {"test_run_id": "r1", "node_id": "n1", "field": "runner.cores", "value": "8"},
+        {"test_run_id": "r3", "node_id": "n1", "field": "ratio", "value": "0.5"},
+        {"test_run_id": "r3", "node_id": "n1", "field": "count", "value": "2.0"},
+        {"test_run_id": "r6", "node_id": "n1", "field": "flaky", "value": "True"},
+        {"test_run_id": "r6", "node_id": "n1", "field": "runner.image", "value": "v1"},
+        {"test_run_id": "r6", "node_id": "n1", "field": "runner.cores", "value": "8"},
+    ]
+    assert flatten_contexts(contexts.iloc[:0]).empty

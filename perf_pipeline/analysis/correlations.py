@@ -148,8 +148,8 @@ def flatten_contexts(contexts: pd.DataFrame) -> pd.DataFrame:
     fields = [_context_fields(text) for text in texts]
     per_document = np.array([len(f) for f in fields], dtype=np.int64)
     first = np.cumsum(per_document) - per_document  # each document's first field, in `names`
-    names = np.array([name for f in fields for name, _ in f] or [""], dtype=object)
-    values = np.array([value for f in fields for _, value in f] or [""], dtype=object)
+    names = np.array([name for f in fields for name, _ in f], dtype=object)
+    values = np.array([value for f in fields for _, value in f], dtype=object)
     counts = per_document[documents]  # fields of each row
     rows = np.repeat(np.arange(len(contexts)), counts)
     within = np.arange(len(rows)) - np.repeat(np.cumsum(counts) - counts, counts)

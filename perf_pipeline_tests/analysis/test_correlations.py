@@ -112,3 +112,4 @@ def test_each_runs_context_fields_come_in_run_order_and_documents_without_fields
         {"test_run_id": "r6", "node_id": "n1", "field": "runner.cores", "value": "8"},
     ]
     assert flatten_contexts(contexts.iloc[:0]).empty
+    assert flatten_contexts(contexts.iloc[[1, 3, 4]]).empty  # no document with a field

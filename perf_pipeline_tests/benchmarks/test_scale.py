@@ -1,12 +1,13 @@
 """The scale benchmark runs at its smallest size, so that it cannot rot. It checks that
 every figure is printed, never how fast anything was."""
 
+import shutil
 import sys
 
 import numpy as np
 import pytest
 
-from perf_pipeline_tests.benchmarks.scale import measured, run_size
+from perf_pipeline_tests.benchmarks.scale import check_disk, measured, run_size
 
 # A child that holds 400 MB for a moment, lets it go, and lives on for a second.
 _SPIKE = ("import numpy as np, time; a = np.ones(50_000_000); a[::512] += 1; del a; "
@@ -35,6 +36,20 @@ def test_scale_benchmark_prints_every_figure_at_size_s(tmp_path):
     # the outbox is written within each run (figures[4] is the refresh after one new day)
     for figure in figures[3:]:
         assert 0 < figure["alerts_written_after_seconds"] < figure["wall_seconds"]
+        # the command's time outside its steps: start-up and Dagster's bookkeeping
+        assert 0 < figure["outside_steps_seconds"] < figure["wall_seconds"]
+    refresh = figures[4]
+    assert refresh["outside_steps_share_of_full"] == pytest.approx(
+        refresh["outside_steps_seconds"] / figures[3]["wall_seconds"], abs=0.002)
+
+
+def test_a_size_that_the_disk_cannot_hold_stops_before_simulating(tmp_path, monkeypatch):
+    free = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(shutil, "disk_usage", lambda folder: free._replace(free=3 * 10**9))
+    with pytest.raises(SystemExit, match=r"size L needs about 10 GB free .* 3\.0 GB is"):
+        run_size("L", tmp_path, emit=lambda figure: pytest.fail(f"printed {figure}"))
+    assert list(tmp_path.iterdir()) == []  # nothing simulated
+    check_disk("M", tmp_path)  # 1 GB fits in 3
 
 
 def test_a_command_s_peak_is_its_own_not_its_parent_s():

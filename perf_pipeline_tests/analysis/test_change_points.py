@@ -232,3 +232,20 @@ def test_a_step_that_hides_four_cycles_is_found_once_the_cycle_is_looked_for_aro
     assert find_period(values) is None
     (change,) = detect_change_points(values)
     assert abs(change.index - 50) <= 5 and change.kind == "regression"
+
+
+@pytest.mark.parametrize("edges", ["edge", "reflect"])
+def test_the_rolling_median_is_the_median_of_each_padded_window(edges):
+    """Exactly np.median of the centred odd window over the series extended as np.pad
+    extends it, for windows shorter than, as long as, and longer than the series."""
+    from perf_pipeline.analysis.change_points import _rolling_median
+
+    rng = np.random.default_rng(5)
+    for length in (3, 4, 9, 50, 401):
+        values = np.round(rng.normal(size=length), 1)  # ties, as real levels have
+        values[length // 2] = 40.0  # an outlier the median must not follow
+        for window in (3, 4, 11, length, length + 7):
+            odd = max(3, min(window, length) | 1)
+            padded = np.pad(values, odd // 2, mode=edges)
+            expected = np.median(np.lib.stride_tricks.sliding_window_view(padded, odd), axis=1)
+            assert np.array_equal(_rolling_median(values, window, edges=edges), expected), (length, window)

@@ -46,10 +46,10 @@ def test_scale_benchmark_prints_every_figure_at_size_s(tmp_path):
 def test_a_size_that_the_disk_cannot_hold_stops_before_simulating(tmp_path, monkeypatch):
     free = shutil.disk_usage(tmp_path)
     monkeypatch.setattr(shutil, "disk_usage", lambda folder: free._replace(free=3 * 10**9))
-    with pytest.raises(SystemExit, match=r"size L needs about 10 GB free .* 3\.0 GB is"):
+    with pytest.raises(SystemExit, match=r"size L needs about 12 GB free .* 3\.0 GB is"):
         run_size("L", tmp_path, emit=lambda figure: pytest.fail(f"printed {figure}"))
     assert list(tmp_path.iterdir()) == []  # nothing simulated
-    check_disk("M", tmp_path)  # 1 GB fits in 3
+    check_disk("M", tmp_path)  # 1.2 GB fits in 3
 
 
 def test_a_command_s_peak_is_its_own_not_its_parent_s():

@@ -6,6 +6,7 @@ from perf_pipeline.config import Paths, paths_from_env
 from perf_pipeline.defs import actions, alerts, analysis, ingest, models, normalize, reports
 from perf_pipeline.defs.actions import ActionsResource
 from perf_pipeline.defs import automation
+from perf_pipeline.defs.executor import step_executor
 from perf_pipeline.defs.reports import reports_resource
 from perf_pipeline.defs.resources import model_store_resource, monitoring_resource, warehouse_resource
 
@@ -26,6 +27,7 @@ def build_defs(paths: Paths | None = None) -> dg.Definitions:
         resources={"warehouse": warehouse_resource(paths), "model_store": model_store_resource(paths),
                    "actions": ActionsResource(), "monitoring": monitoring_resource(paths.home),
                    "notifier": alerts.NotifierResource(), "reports": reports_resource(paths)},
+        executor=step_executor,
     )
 
 

@@ -4,12 +4,12 @@ start from a fork server that has already imported perf_pipeline.
 
 With Dagster's default start method (spawn) every step's worker is a new interpreter that
 imports Dagster, pandas, scipy, scikit-learn and the definitions before its step can begin:
-about three seconds a step on this project's 2-core machine, which made a UI-launched
-`daily_refresh_job` on the demo fleet take 85 s for 19 s of steps. A fork server that has
-imported `perf_pipeline.definitions` once per run hands each step a process with all of it
-loaded, in milliseconds (37 s for the same run; see docs/architecture.md). Dagster's own
-`forkserver` start method does this; only its default preload (the job's module) does not
-apply to jobs loaded from a workspace, so the module is named here.
+about three seconds a step on this project's 2-core machine. `daily_refresh_job` on the
+demo fleet (`dagster job execute -m perf_pipeline.definitions`) took 79–86 s for about 19 s
+of steps. A fork server that has imported `perf_pipeline.definitions` once per run hands each
+step a process with all of it loaded: 37–48 s for the same run (see docs/architecture.md).
+Dagster's `forkserver` start method with its default preload took 79 s there, no better
+than spawn, so the module is named in `preload_modules`.
 
 Run config still rules: `multiprocess: start_method: spawn: {}` in the launchpad restores
 spawn, and `in_process: {}` runs every step in the run's process. The fork server is used on

@@ -137,12 +137,14 @@ def _step_seconds(env: dict, since: float, samples: Samples) -> tuple[dict[str, 
     """(seconds per asset (step), the process's peak MB while it ran, from `samples`, and
     when (epoch seconds) it last ended) over the runs that started after `since` (epoch
     seconds)."""
-    from perf_pipeline.defs.runner import open_instance
+    import dagster as dg
 
     seconds: dict[str, float] = defaultdict(float)
     peaks: dict[str, float] = defaultdict(float)
     ended: dict[str, float] = {}
-    with open_instance(paths_from_env(env)) as instance:
+    # the instance the commands ran with `env` used, whatever DAGSTER_HOME this process has
+    home = env.get("DAGSTER_HOME") or str(paths_from_env(env).dagster_home)
+    with dg.DagsterInstance.from_config(home) as instance:
         for run in instance.get_runs():
             stats = instance.get_run_stats(run.run_id)
             if stats.start_time is None or stats.start_time < since:

@@ -19,7 +19,10 @@ _WORKER = ("import multiprocessing as mp, numpy as np, time\n"
 
 
 @pytest.mark.slow
-def test_scale_benchmark_prints_every_figure_at_size_s(tmp_path):
+def test_scale_benchmark_prints_every_figure_at_size_s(tmp_path, monkeypatch):
+    # a user's own instance must not be where the benchmark looks for its runs' steps
+    (tmp_path / "users-instance").mkdir()
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "users-instance"))
     figures = []
     result = run_size("S", tmp_path, emit=figures.append)
     names = [figure["figure"] for figure in figures]

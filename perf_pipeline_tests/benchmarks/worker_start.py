@@ -4,7 +4,7 @@ a schedule or `dagster job execute` runs it, with each step's worker process spa
 the definitions (the project's default, see perf_pipeline/defs/executor.py).
 
 `python -m perf_pipeline_tests.benchmarks.worker_start [--rounds N] [--keep DIR]` simulates
-the S fleet (about 100k rows), loads and analyses it once with `perf-pipeline run`, then
+the S size's fleet (20 nodes, 50 tests) for 30 days (about 340k rows), loads and analyses it once with `perf-pipeline run`, then
 runs `daily_refresh_job` (every analysis asset but the models) with the two start methods
 in turn, N rounds, and prints one JSON line per run and a summary: wall seconds, the steps'
 own seconds, and the rest (worker starts and Dagster's scheduling of the steps). Figures are

@@ -163,7 +163,8 @@ def _step_seconds(env: dict, since: float, samples: Samples) -> tuple[dict[str, 
 def _outside_steps(wall: float, steps: dict[str, float]) -> float:
     """Seconds of a command spent in no asset step: the interpreter and the definitions
     loading, the instance, and Dagster's bookkeeping of runs and steps. Steps run one at
-    a time under `perf-pipeline run` (the in-process executor), so they do not overlap."""
+    a time under `perf-pipeline run` (the in-process executor), so they do not overlap; on
+    the multiprocess executor steps outside the duckdb pool may, and this is a lower bound."""
     return round(wall - sum(steps.values()), 1)
 
 

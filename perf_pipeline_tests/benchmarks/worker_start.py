@@ -25,9 +25,8 @@ from pathlib import Path
 import yaml
 
 from perf_pipeline.config import paths_from_env
-from perf_pipeline.defs.runner import instance_settings
 from perf_pipeline.ingest.simulator import simulate_fleet
-from perf_pipeline_tests.benchmarks.scale import SIZES, _cli, _print, _step_seconds, measured
+from perf_pipeline_tests.benchmarks.scale import SIZES, _cli, _outside_steps, _print, _step_seconds, measured
 
 JOB = "daily_refresh_job"
 START_METHODS = {
@@ -46,7 +45,7 @@ def _run(workdir: Path, env: dict, method: str) -> dict:
     return {"figure": "multiprocess_run", "job": JOB, "start_method": method,
             "wall_seconds": round(wall, 1), "steps": len(steps),
             "steps_seconds": round(sum(steps.values()), 1),
-            "outside_steps_seconds": round(wall - sum(steps.values()), 1),
+            "outside_steps_seconds": _outside_steps(wall, steps),
             "peak_memory_mb": round(peak, 1)}
 
 
@@ -58,12 +57,9 @@ def run(workdir: Path, rounds: int) -> None:
     env.pop("DAGSTER_HOME", None)
     _cli(["ingest", str(workdir / "fleet")], env)
     _cli(["run"], env)
-    paths = paths_from_env(env)
-    # `dagster job execute` reads the instance from DAGSTER_HOME: the one the CLI keeps,
-    # with the duckdb pool's limit
-    (paths.dagster_home / "dagster.yaml").write_text(
-        yaml.safe_dump(instance_settings(paths), sort_keys=False))
-    env["DAGSTER_HOME"] = str(paths.dagster_home)
+    # `dagster job execute` reads the instance from DAGSTER_HOME: the one `perf-pipeline run`
+    # keeps (and wrote the dagster.yaml of), with the duckdb pool's limit
+    env["DAGSTER_HOME"] = str(paths_from_env(env).dagster_home)
     _print({"figure": "fleet", "rows": simulated.rows, "days": 30, **fleet})
     walls: dict[str, list[float]] = {method: [] for method in START_METHODS}
     for _ in range(rounds):

@@ -22,11 +22,14 @@ from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from perf_pipeline.collect.files import write_atomic
 from perf_pipeline.config import START_DATE_ENV, partitions_start_date
-from perf_pipeline.ingest.formats import is_supported, json_lines, rejected_record, stage_bytes
+from perf_pipeline.ingest.formats import _BOM, is_supported, json_lines, rejected_record, stage_bytes
 from perf_pipeline.storage.warehouse import (
     STAGING_COLUMNS,
     LandingFile,
@@ -36,6 +39,8 @@ from perf_pipeline.storage.warehouse import (
 )
 
 _DAY_FOLDER = re.compile(r"^\d{4}-\d{2}-\d{2}$")
+# DuckDB reads a path holding one of these as a pattern of file names.
+_WILDCARD = re.compile(r"[*?\[\]{}]")
 _JSON_LINES = (".jsonl", ".ndjson")
 # A load stages at most this many bytes of landing files: a long backfill is a few large
 # statements rather than one per day, and its memory stays bounded.
@@ -182,25 +187,66 @@ def load_landing_days(warehouse: Warehouse, landing: Path, days: Sequence[date],
     sized = [(day, [(path, path.stat().st_size) for path in day_files(landing, day)]) for day in days]
     for chunk in _load_chunks(sized, chunk_bytes):
         warehouse.begin_staging()
-        files, split, split_bytes = [], [], 0
+        files, whole, by_name = [], [], {}
+        stager = _LineStager(warehouse)
         for day, entries in chunk:
             for path, _ in entries:
                 data, file = _read(landing, path, day)
                 files.append(file)
-                lines = json_lines(data) if path.suffix.lower() in _JSON_LINES else None
+                by_name[file.path] = (path, day)
+                lines = _line_count(path, data) if path.suffix.lower() in _JSON_LINES else None
                 if lines is not None:
-                    split.append((file.path, day, *lines))
-                    split_bytes += len(data)
+                    whole.append((str(path), file.path, day, lines))
                 else:
                     warehouse.stage_records(
                         stage_bytes(data, suffix=path.suffix, source_file=file.path), day)
-                if split_bytes >= STAGE_GROUP_BYTES:
-                    warehouse.stage_lines(split)
-                    split, split_bytes = [], 0
-        warehouse.stage_lines(split)
-        del split
+        for name in warehouse.read_json_lines(whole):
+            stager.add(name, *by_name[name])
+        for name, numbers in warehouse.quarantined_json_lines().items():
+            stager.add(name, *by_name[name], only=numbers)
+        stager.flush()
         counts.update(warehouse.replace_staged_days([day for day, _ in chunk], files))
     return counts
+
+
+def _line_count(path: Path, data: bytes) -> int | None:
+    """The lines of a JSON Lines file, if read_json may read it whole (see
+    Warehouse.read_json_lines): None where the file starts with a byte order mark, which
+    formats.json_lines and read_json might not treat alike, or where its path holds a
+    character read_json would take for a wildcard."""
+    if data.startswith(_BOM) or _WILDCARD.search(str(path)):
+        return None
+    return data.count(b"\n") + (1 if data and not data.endswith(b"\n") else 0)
+
+
+class _LineStager:
+    """Stages JSON Lines files line by line (formats.json_lines, or the file's parser where
+    it is not UTF-8), in groups of about STAGE_GROUP_BYTES."""
+
+    def __init__(self, warehouse: Warehouse):
+        self.warehouse, self.split, self.size = warehouse, [], 0
+
+    def add(self, name: str, path: Path, day: date, *, only: np.ndarray | None = None) -> None:
+        data = path.read_bytes()
+        lines = json_lines(data)
+        if lines is None:
+            staged = stage_bytes(data, suffix=path.suffix, source_file=name)
+            if only is not None:
+                staged = staged[staged["source_line"].isin(only)]
+            self.warehouse.stage_records(staged, day)
+            return
+        numbers, texts = lines
+        if only is not None:
+            keep = np.isin(numbers, only)
+            numbers, texts = numbers[keep], texts.filter(pa.array(keep))
+        self.split.append((name, day, numbers, texts))
+        self.size += len(data) if only is None else int(pc.sum(pc.binary_length(texts)).as_py() or 0)
+        if self.size >= STAGE_GROUP_BYTES:
+            self.flush()
+
+    def flush(self) -> None:
+        self.warehouse.stage_lines(self.split)
+        self.split, self.size = [], 0
 
 
 def _load_chunks(days: list[tuple[date, list[tuple[Path, int]]]], limit: int):

@@ -5,7 +5,7 @@ transaction, and records it in `schema_version`; running it again is a no-op. A 
 adds a migration to the end of MIGRATIONS, so existing databases upgrade in place.
 
 Keys and indexes: `performance_metrics` carries no primary key or ART index. Rows arrive
-in time order, one day per load, and every query filters on a time range, which DuckDB
+in day order, a range of days per load, and every query filters on a time range, which DuckDB
 answers from its min/max zone maps; an ART index would cost on every bulk insert and
 nothing on these scans (measured in docs/architecture.md).
 """

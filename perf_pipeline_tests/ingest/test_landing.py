@@ -269,6 +269,97 @@ def test_the_bulk_splitter_reads_json_lines_exactly_as_the_format_parser_stages_
     assert ('tests/a "quoted" \\ name',) in loaded and ("tëst-ünïcode-✓",) in loaded
 
 
+def _files_read_whole(monkeypatch) -> list[str]:
+    """Record which files each load handed to read_json_lines and it took whole."""
+    taken = []
+    read = warehouse.Warehouse.read_json_lines
+
+    def spy(self, files):
+        unread = read(self, files)
+        taken.extend(name for _, name, _, _ in files if name not in unread)
+        return unread
+
+    monkeypatch.setattr(warehouse.Warehouse, "read_json_lines", spy)
+    return taken
+
+
+def test_files_duckdb_reads_whole_load_exactly_as_their_lines_staged_one_by_one(
+        paths, tmp_path, monkeypatch):
+    """A JSON Lines file of objects, one per line, is read by read_json itself; its records
+    that fail validation are judged again from their lines. The result is what staging the
+    file line by line gives: the same rows, reasons, stored lines and counts. A file with a
+    blank line or a line that is not an object is staged line by line."""
+    taken = _files_read_whole(monkeypatch)
+    folder = paths.landing / DAY.isoformat()
+    objects = [*GOOD_ROWS, *BAD_ROWS.values(),
+               metric_row("2026-11-01T11:00:00Z", test_name='tests/a "quoted" \\ name ✓'),
+               metric_row("2026-11-02T01:00:00Z"),                    # another day
+               {**GOOD_ROWS[0], "_rejected": "sent as rejected"}, {**GOOD_ROWS[0], "_rejected": 5},
+               {**GOOD_ROWS[0], "metric_value": float("nan")}, {"metric_name": "cpu_usage"}, {}]
+    lines = [json.dumps(row, ensure_ascii=i % 2 == 0) for i, row in enumerate(objects)]
+    lines[3:3] = ["null", "  " + json.dumps(GOOD_ROWS[0]) + " "]
+    folder.mkdir(parents=True)
+    (folder / "objects.jsonl").write_bytes("\r\n".join(lines).encode())  # CRLF, no last newline
+    write_jsonl(folder / "good.jsonl", GOOD_ROWS * 3)
+    write_jsonl(folder / "blank.jsonl", [GOOD_ROWS[0], "", GOOD_ROWS[1]])
+    write_jsonl(folder / "broken.jsonl", [GOOD_ROWS[0], "[1, 2]", GOOD_ROWS[1]])
+
+    with open_warehouse(paths.database) as wh:
+        counts = load_landing_days(wh, paths.landing, [DAY])[DAY]
+    by_parser = tmp_path / "by_parser.duckdb"
+    staged, files = read_landing_day(paths.landing, DAY)
+    with open_warehouse(by_parser) as wh:
+        expected = wh.replace_raw_day(DAY, staged, files)
+
+    assert sorted(taken) == [f"{DAY}/good.jsonl", f"{DAY}/objects.jsonl"]
+    assert counts == expected
+    assert counts.rows_read == len(lines) + 12 + 2 + 3 and counts.files == 4
+    assert _stored(paths.database) == _stored(by_parser)
+    with open_warehouse(paths.database, read_only=True) as wh:
+        quarantined = {line: (reason, raw) for line, reason, raw in wh.con.execute(
+            "SELECT source_line, reason, raw_record FROM quarantined_metrics "
+            "WHERE source_file LIKE '%objects.jsonl'").fetchall()}
+    assert quarantined[4] == ("record is not a JSON object", "null")
+    assert quarantined[len(lines) - 4][0] == "sent as rejected"
+    assert quarantined[len(lines)] == ("missing metric_name", "{}")
+    assert {reason for reason, _ in quarantined.values()} >= {
+        "node_id must be a string", "metric_value is not finite", "missing node_id",
+        "context_data is not a JSON object", "record holds the reserved field _rejected without a reason"}
+    assert all(raw == lines[number - 1] for number, (_, raw) in quarantined.items())
+
+
+def test_records_read_whole_keep_their_files_and_line_numbers(paths, monkeypatch):
+    """read_json reads many files in one statement, in parallel: each record must still be
+    stored with its own file and line."""
+    taken = _files_read_whole(monkeypatch)
+    folder = paths.landing / DAY.isoformat()
+    for file in range(3):
+        write_jsonl(folder / f"part-{file}.jsonl", [
+            metric_row(f"2026-11-01T{line % 24:02d}:00:00Z", value=float(line), run=f"{file}:{line}")
+            for line in range(1, 50_001)])
+    with open_warehouse(paths.database) as wh:
+        counts = load_landing_days(wh, paths.landing, [DAY])[DAY]
+        misplaced = wh.con.execute(
+            "SELECT count(*) FROM performance_metrics WHERE test_run_id <> "
+            "regexp_extract(source_file, 'part-(\\d)', 1) || ':' || source_line "
+            "OR metric_value <> source_line").fetchall()[0][0]
+    assert len(taken) == 3 and counts.rows_loaded == 150_000
+    assert misplaced == 0
+
+
+def test_a_landing_path_read_json_would_take_for_a_pattern_is_staged_line_by_line(
+        tmp_path, monkeypatch):
+    """read_json takes [1] in a path for a pattern that matches land1/ too: such a file is
+    staged line by line, and only its own rows load."""
+    taken = _files_read_whole(monkeypatch)
+    landing, decoy = tmp_path / "land[1]", tmp_path / "land1"
+    write_jsonl(landing / DAY.isoformat() / "a.jsonl", GOOD_ROWS)
+    write_jsonl(decoy / DAY.isoformat() / "a.jsonl", GOOD_ROWS * 2)
+    with open_warehouse(tmp_path / "db.duckdb") as wh:
+        counts = load_landing_days(wh, landing, [DAY])[DAY]
+    assert taken == [] and counts.rows_read == counts.rows_loaded == len(GOOD_ROWS)
+
+
 def test_a_range_of_days_loads_in_bounded_chunks_as_day_by_day(paths, tmp_path):
     simulate_fleet(tmp_path / "fleet", days=4, nodes=5, tests=5, seed=5,
                    end=datetime(2026, 11, 5, tzinfo=timezone.utc))

@@ -29,7 +29,13 @@ import pyarrow.compute as pc
 
 from perf_pipeline.collect.files import write_atomic
 from perf_pipeline.config import START_DATE_ENV, partitions_start_date
-from perf_pipeline.ingest.formats import _BOM, is_supported, json_lines, rejected_record, stage_bytes
+from perf_pipeline.ingest.formats import (
+    UTF8_BOM,
+    is_supported,
+    json_lines,
+    rejected_record,
+    stage_bytes,
+)
 from perf_pipeline.storage.warehouse import (
     STAGING_COLUMNS,
     LandingFile,
@@ -179,28 +185,31 @@ def load_landing_days(warehouse: Warehouse, landing: Path, days: Sequence[date],
     """Replace `days` in the warehouse with their landing files, validated, in loads of at
     most `chunk_bytes` of files (a day is never split; each load is one transaction).
 
-    JSON Lines files, everything the archive writes itself, are split into lines by
-    formats.json_lines (NumPy over the bytes, no Python object per line); any other format,
-    and a JSON Lines file that is not UTF-8, goes through its parser in formats.py. Both
-    stage the same records."""
+    JSON Lines files, everything the archive writes itself, are read whole by DuckDB's
+    read_json where their records are objects, one per line (Warehouse.read_json_lines);
+    the others, and the lines of records validation rejected there, are split into lines
+    by formats.json_lines (NumPy over the bytes, no Python object per line). Any other
+    format, and a JSON Lines file that is not UTF-8, goes through its parser in formats.py.
+    All three give the same records."""
     counts: dict[date, LoadCounts] = {}
     sized = [(day, [(path, path.stat().st_size) for path in day_files(landing, day)]) for day in days]
     for chunk in _load_chunks(sized, chunk_bytes):
         warehouse.begin_staging()
-        files, whole, by_name = [], [], {}
+        files, whole, by_line, by_name = [], [], [], {}
         stager = _LineStager(warehouse)
         for day, entries in chunk:
             for path, _ in entries:
                 data, file = _read(landing, path, day)
                 files.append(file)
                 by_name[file.path] = (path, day)
-                lines = _line_count(path, data) if path.suffix.lower() in _JSON_LINES else None
-                if lines is not None:
-                    whole.append((str(path), file.path, day, lines))
-                else:
+                if path.suffix.lower() not in _JSON_LINES:
                     warehouse.stage_records(
                         stage_bytes(data, suffix=path.suffix, source_file=file.path), day)
-        for name in warehouse.read_json_lines(whole):
+                elif (lines := _line_count(path, data)) is not None:
+                    whole.append((str(path), file.path, day, lines))
+                else:
+                    by_line.append(file.path)
+        for name in [*by_line, *warehouse.read_json_lines(whole)]:
             stager.add(name, *by_name[name])
         for name, numbers in warehouse.quarantined_json_lines().items():
             stager.add(name, *by_name[name], only=numbers)
@@ -214,7 +223,7 @@ def _line_count(path: Path, data: bytes) -> int | None:
     Warehouse.read_json_lines): None where the file starts with a byte order mark, which
     formats.json_lines and read_json might not treat alike, or where its path holds a
     character read_json would take for a wildcard."""
-    if data.startswith(_BOM) or _WILDCARD.search(str(path)):
+    if data.startswith(UTF8_BOM) or _WILDCARD.search(str(path)):
         return None
     return data.count(b"\n") + (1 if data and not data.endswith(b"\n") else 0)
 

@@ -330,20 +330,20 @@ def test_files_duckdb_reads_whole_load_exactly_as_their_lines_staged_one_by_one(
 
 def test_records_read_whole_keep_their_files_and_line_numbers(paths, monkeypatch):
     """read_json reads many files in one statement, in parallel: each record must still be
-    stored with its own file and line."""
+    stored with its own file and line, in large files and small ones."""
     taken = _files_read_whole(monkeypatch)
     folder = paths.landing / DAY.isoformat()
-    for file in range(3):
+    for file, lines in enumerate([50_000, 3, 50_000, 1, 7, 50_000]):
         write_jsonl(folder / f"part-{file}.jsonl", [
             metric_row(f"2026-11-01T{line % 24:02d}:00:00Z", value=float(line), run=f"{file}:{line}")
-            for line in range(1, 50_001)])
+            for line in range(1, lines + 1)])
     with open_warehouse(paths.database) as wh:
         counts = load_landing_days(wh, paths.landing, [DAY])[DAY]
         misplaced = wh.con.execute(
             "SELECT count(*) FROM performance_metrics WHERE test_run_id <> "
             "regexp_extract(source_file, 'part-(\\d)', 1) || ':' || source_line "
             "OR metric_value <> source_line").fetchall()[0][0]
-    assert len(taken) == 3 and counts.rows_loaded == 150_000
+    assert len(taken) == 6 and counts.rows_loaded == 150_011
     assert misplaced == 0
 
 

@@ -596,6 +596,7 @@ class Warehouse:
             self.con.unregister("json_inputs")
         taken = {name for (name,) in self.con.execute("SELECT source_file FROM json_files").fetchall()}
         self.con.execute(_VALIDATE_FILES_SQL)
+        self.con.execute("DROP TABLE json_records")  # its memory, before the insert
         self._read_whole = True
         return [name for _, name, _, _ in files if name not in taken]
 

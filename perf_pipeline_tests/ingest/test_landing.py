@@ -206,6 +206,18 @@ def _stored(database):
             "SELECT * EXCLUDE (loaded_at) FROM ingested_files ORDER BY path"))
 
 
+def _load_both_ways(paths, tmp_path):
+    """DAY loaded by load_landing_days into paths.database, and through the format parsers
+    into a database of its own: (counts, the parsers' counts, that database)."""
+    with open_warehouse(paths.database) as wh:
+        counts = load_landing_days(wh, paths.landing, [DAY])[DAY]
+    by_parser = tmp_path / "by_parser.duckdb"
+    staged, files = read_landing_day(paths.landing, DAY)
+    with open_warehouse(by_parser) as wh:
+        expected = wh.replace_raw_day(DAY, staged, files)
+    return counts, expected, by_parser
+
+
 @pytest.mark.parametrize("group_bytes", [1, landing_module.STAGE_GROUP_BYTES])
 def test_the_bulk_splitter_reads_json_lines_exactly_as_the_format_parser_stages_them(
         paths, tmp_path, monkeypatch, group_bytes):
@@ -237,12 +249,7 @@ def test_the_bulk_splitter_reads_json_lines_exactly_as_the_format_parser_stages_
     (folder / "table.csv").write_text("timestamp,metric_name,metric_value,node_id,test_name\n"
                                       "2026-11-01T09:00:00Z,test_execution_time,1.5,node-01,t1\n")
 
-    with open_warehouse(paths.database) as wh:
-        counts = load_landing_days(wh, paths.landing, [DAY])[DAY]
-    by_parser = tmp_path / "by_parser.duckdb"
-    staged, files = read_landing_day(paths.landing, DAY)
-    with open_warehouse(by_parser) as wh:
-        expected = wh.replace_raw_day(DAY, staged, files)
+    counts, expected, by_parser = _load_both_ways(paths, tmp_path)
 
     assert counts == expected
     assert counts.rows_read == len(odd) - 2 + 2 + 1 + 1 and counts.files == 4
@@ -304,12 +311,7 @@ def test_files_duckdb_reads_whole_load_exactly_as_their_lines_staged_one_by_one(
     write_jsonl(folder / "blank.jsonl", [GOOD_ROWS[0], "", GOOD_ROWS[1]])
     write_jsonl(folder / "broken.jsonl", [GOOD_ROWS[0], "[1, 2]", GOOD_ROWS[1]])
 
-    with open_warehouse(paths.database) as wh:
-        counts = load_landing_days(wh, paths.landing, [DAY])[DAY]
-    by_parser = tmp_path / "by_parser.duckdb"
-    staged, files = read_landing_day(paths.landing, DAY)
-    with open_warehouse(by_parser) as wh:
-        expected = wh.replace_raw_day(DAY, staged, files)
+    counts, expected, by_parser = _load_both_ways(paths, tmp_path)
 
     assert sorted(taken) == [f"{DAY}/good.jsonl", f"{DAY}/objects.jsonl"]
     assert counts == expected

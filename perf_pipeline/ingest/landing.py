@@ -220,10 +220,13 @@ def load_landing_days(warehouse: Warehouse, landing: Path, days: Sequence[date],
 
 def _line_count(path: Path, data: bytes) -> int | None:
     """The lines of a JSON Lines file, if read_json may read it whole (see
-    Warehouse.read_json_lines): None where the file starts with a byte order mark, which
-    formats.json_lines and read_json might not treat alike, or where its path holds a
-    character read_json would take for a wildcard."""
-    if data.startswith(UTF8_BOM) or _WILDCARD.search(str(path)):
+    Warehouse.read_json_lines): None where its path holds a character read_json would take
+    for a wildcard, or where the file holds what read_json and from_json read apart. That
+    is a vertical tab or form feed, which read_json trims from a line's ends as if it were
+    blank space and from_json, like JSON, refuses (a JSON text holds neither byte
+    elsewhere); a byte order mark first is left to formats.json_lines too."""
+    if (data.startswith(UTF8_BOM) or b"\x0b" in data or b"\x0c" in data
+            or _WILDCARD.search(str(path))):
         return None
     return data.count(b"\n") + (1 if data and not data.endswith(b"\n") else 0)
 

@@ -1,6 +1,7 @@
-"""Property test of loading: DuckDB's own reading of JSON Lines files and the format parser
-stage exactly the same records, whatever the bytes (line endings, blank lines, byte order
-marks, odd Unicode, broken JSON, wrong types, bytes that are not UTF-8), and every record
+"""Property test of loading: DuckDB's own reading of JSON Lines files (read_json of whole
+files, or the line splitter) and the format parser stage exactly the same records, whatever
+the bytes (line endings, blank lines, byte order marks, odd Unicode, broken JSON, wrong
+types, bytes that are not UTF-8, control characters around a record), and every record
 read is loaded or quarantined."""
 
 import json
@@ -34,6 +35,13 @@ LINE = st.one_of(
 ENDING = st.sampled_from(["\n", "\r\n", "\r\r\n", "\n\n"])
 
 
+# A record with what may surround it on its line: mostly nothing or JSON's blank space, so
+# that many files can be read whole; sometimes a character JSON does not count as blank.
+PADDING = st.sampled_from(["", "", "", "", "", "", " ", "\t", "\x0b", "\x0c", "\x00", "\u00a0"])
+OBJECT_LINE = st.tuples(PADDING, st.one_of(ROW, st.just({}), st.just(None)), PADDING).map(
+    lambda parts: parts[0] + json.dumps(parts[1], ensure_ascii=False) + parts[2])
+
+
 def _stored(warehouse: Warehouse) -> tuple:
     return tuple(warehouse.con.execute(sql).fetchall() for sql in (
         "SELECT * EXCLUDE (id) FROM performance_metrics ORDER BY source_file, source_line",
@@ -62,6 +70,28 @@ def test_duckdb_and_the_parser_stage_the_same_records(tmp_path_factory, lines, b
 
     assert counts == expected
     assert counts.rows_read == expected_records == counts.rows_loaded + counts.rows_quarantined
+    assert _stored(by_duckdb) == _stored(by_parser)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(files=st.lists(st.lists(OBJECT_LINE, min_size=1, max_size=4), min_size=1, max_size=3),
+       ending=st.sampled_from(["\n", "\r\n"]))
+def test_files_of_objects_load_as_the_parser_stages_them(tmp_path_factory, files, ending):
+    """Files whose every line is a record, as the archive writes them, which read_json may
+    take whole: loaded exactly as the parser stages them, rejected records included."""
+    landing = tmp_path_factory.mktemp("landing")
+    folder = landing / DAY.isoformat()
+    folder.mkdir()
+    for number, lines in enumerate(files):
+        (folder / f"part-{number}.jsonl").write_bytes("".join(line + ending for line in lines).encode())
+
+    by_duckdb = Warehouse.for_writing(connect())
+    counts = load_landing_days(by_duckdb, landing, [DAY])[DAY]
+    by_parser = Warehouse.for_writing(connect())
+    staged, stage_files = read_landing_day(landing, DAY)
+    expected = by_parser.replace_raw_day(DAY, staged, stage_files)
+
+    assert counts == expected
     assert _stored(by_duckdb) == _stored(by_parser)
 
 

@@ -195,7 +195,7 @@ def load_landing_days(warehouse: Warehouse, landing: Path, days: Sequence[date],
     sized = [(day, [(path, path.stat().st_size) for path in day_files(landing, day)]) for day in days]
     for chunk in _load_chunks(sized, chunk_bytes):
         warehouse.begin_staging()
-        files, whole, by_line, by_name = [], [], [], {}
+        files, whole, by_name = [], [], {}
         stager = _LineStager(warehouse)
         for day, entries in chunk:
             for path, _ in entries:
@@ -208,8 +208,8 @@ def load_landing_days(warehouse: Warehouse, landing: Path, days: Sequence[date],
                 elif (lines := _line_count(path, data)) is not None:
                     whole.append((str(path), file.path, day, lines))
                 else:
-                    by_line.append(file.path)
-        for name in [*by_line, *warehouse.read_json_lines(whole)]:
+                    stager.add(file.path, path, day, data=data)
+        for name in warehouse.read_json_lines(whole):
             stager.add(name, *by_name[name])
         for name, numbers in warehouse.quarantined_json_lines().items():
             stager.add(name, *by_name[name], only=numbers)
@@ -238,8 +238,11 @@ class _LineStager:
     def __init__(self, warehouse: Warehouse):
         self.warehouse, self.split, self.size = warehouse, [], 0
 
-    def add(self, name: str, path: Path, day: date, *, only: np.ndarray | None = None) -> None:
-        data = path.read_bytes()
+    def add(self, name: str, path: Path, day: date, *, data: bytes | None = None,
+            only: np.ndarray | None = None) -> None:
+        """Stage file `name` (its bytes, read from `path` unless given), or only the lines
+        numbered in `only`."""
+        data = path.read_bytes() if data is None else data
         lines = json_lines(data)
         if lines is None:
             staged = stage_bytes(data, suffix=path.suffix, source_file=name)

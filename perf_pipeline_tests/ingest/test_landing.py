@@ -276,18 +276,19 @@ def test_the_bulk_splitter_reads_json_lines_exactly_as_the_format_parser_stages_
     assert ('tests/a "quoted" \\ name',) in loaded and ("tëst-ünïcode-✓",) in loaded
 
 
-def _files_read_whole(monkeypatch) -> list[str]:
-    """Record which files each load handed to read_json_lines and it took whole."""
-    taken = []
+def _files_read_whole(monkeypatch) -> tuple[list[str], list[str]]:
+    """Record which files each load handed to read_json_lines, and which it took whole."""
+    handed, taken = [], []
     read = warehouse.Warehouse.read_json_lines
 
     def spy(self, files):
         unread = read(self, files)
+        handed.extend(name for _, name, _, _ in files)
         taken.extend(name for _, name, _, _ in files if name not in unread)
         return unread
 
     monkeypatch.setattr(warehouse.Warehouse, "read_json_lines", spy)
-    return taken
+    return handed, taken
 
 
 def test_files_duckdb_reads_whole_load_exactly_as_their_lines_staged_one_by_one(
@@ -296,7 +297,7 @@ def test_files_duckdb_reads_whole_load_exactly_as_their_lines_staged_one_by_one(
     that fail validation are judged again from their lines. The result is what staging the
     file line by line gives: the same rows, reasons, stored lines and counts. A file with a
     blank line or a line that is not an object is staged line by line."""
-    taken = _files_read_whole(monkeypatch)
+    _, taken = _files_read_whole(monkeypatch)
     folder = paths.landing / DAY.isoformat()
     objects = [*GOOD_ROWS, *BAD_ROWS.values(),
                metric_row("2026-11-01T11:00:00Z", test_name='tests/a "quoted" \\ name ✓'),
@@ -336,7 +337,7 @@ def test_files_duckdb_reads_whole_load_exactly_as_their_lines_staged_one_by_one(
 def test_records_read_whole_keep_their_files_and_line_numbers(paths, monkeypatch):
     """read_json reads many files in one statement, in parallel: each record must still be
     stored with its own file and line, in large files and small ones."""
-    taken = _files_read_whole(monkeypatch)
+    _, taken = _files_read_whole(monkeypatch)
     folder = paths.landing / DAY.isoformat()
     for file, lines in enumerate([50_000, 3, 50_000, 1, 7, 50_000]):
         write_jsonl(folder / f"part-{file}.jsonl", [
@@ -356,13 +357,13 @@ def test_a_landing_path_read_json_would_take_for_a_pattern_is_staged_line_by_lin
         tmp_path, monkeypatch):
     """read_json takes [1] in a path for a pattern that matches land1/ too: such a file is
     staged line by line, and only its own rows load."""
-    taken = _files_read_whole(monkeypatch)
+    handed, _ = _files_read_whole(monkeypatch)
     landing, decoy = tmp_path / "land[1]", tmp_path / "land1"
     write_jsonl(landing / DAY.isoformat() / "a.jsonl", GOOD_ROWS)
     write_jsonl(decoy / DAY.isoformat() / "a.jsonl", GOOD_ROWS * 2)
     with open_warehouse(tmp_path / "db.duckdb") as wh:
         counts = load_landing_days(wh, landing, [DAY])[DAY]
-    assert taken == [] and counts.rows_read == counts.rows_loaded == len(GOOD_ROWS)
+    assert handed == [] and counts.rows_read == counts.rows_loaded == len(GOOD_ROWS)
 
 
 def test_a_range_of_days_loads_in_bounded_chunks_as_day_by_day(paths, tmp_path):

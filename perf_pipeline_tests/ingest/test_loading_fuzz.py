@@ -49,6 +49,19 @@ def _stored(warehouse: Warehouse) -> tuple:
         "SELECT * EXCLUDE (loaded_at) FROM ingested_files ORDER BY path"))
 
 
+def _loaded_both_ways(landing):
+    """Load DAY of `landing` by load_landing_days and through the format parsers, each into
+    a database of its own; assert the two stored and counted the same. Returns both counts."""
+    by_duckdb = Warehouse.for_writing(connect())
+    counts = load_landing_days(by_duckdb, landing, [DAY])[DAY]
+    by_parser = Warehouse.for_writing(connect())
+    staged, files = read_landing_day(landing, DAY)
+    expected = by_parser.replace_raw_day(DAY, staged, files)
+    assert counts == expected
+    assert _stored(by_duckdb) == _stored(by_parser)
+    return counts, expected
+
+
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(lines=st.lists(st.tuples(LINE, ENDING), min_size=1, max_size=12), bom=st.booleans(),
        undecodable=st.sampled_from([False] * 9 + [True]))
@@ -62,15 +75,8 @@ def test_duckdb_and_the_parser_stage_the_same_records(tmp_path_factory, lines, b
     (folder / "fuzz.jsonl").write_bytes(data)
     expected_records = sum(1 for raw in data.split(b"\n") if raw.rstrip(b"\r").strip())
 
-    by_duckdb = Warehouse.for_writing(connect())
-    counts = load_landing_days(by_duckdb, landing, [DAY])[DAY]
-    by_parser = Warehouse.for_writing(connect())
-    staged, files = read_landing_day(landing, DAY)
-    expected = by_parser.replace_raw_day(DAY, staged, files)
-
-    assert counts == expected
+    counts, expected = _loaded_both_ways(landing)
     assert counts.rows_read == expected_records == counts.rows_loaded + counts.rows_quarantined
-    assert _stored(by_duckdb) == _stored(by_parser)
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -85,14 +91,7 @@ def test_files_of_objects_load_as_the_parser_stages_them(tmp_path_factory, files
     for number, lines in enumerate(files):
         (folder / f"part-{number}.jsonl").write_bytes("".join(line + ending for line in lines).encode())
 
-    by_duckdb = Warehouse.for_writing(connect())
-    counts = load_landing_days(by_duckdb, landing, [DAY])[DAY]
-    by_parser = Warehouse.for_writing(connect())
-    staged, stage_files = read_landing_day(landing, DAY)
-    expected = by_parser.replace_raw_day(DAY, staged, stage_files)
-
-    assert counts == expected
-    assert _stored(by_duckdb) == _stored(by_parser)
+    _loaded_both_ways(landing)
 
 
 @settings(max_examples=300, deadline=None)

@@ -27,10 +27,27 @@ class FaultTally:
     def add(self, what: str, count: int = 1) -> None:
         self.counts[what] = self.counts.get(what, 0) + count
 
+    def add_all(self, counts: dict[str, int]) -> None:
+        for what, count in counts.items():
+            self.add(what, count)
+
 
 @pytest.fixture
 def fault_tally(request) -> FaultTally:
     return FaultTally(request.module.__name__.rsplit(".", 1)[-1])
+
+
+def pytest_sessionfinish(session) -> None:
+    # an xdist worker hands its counts to the controller, which prints them all
+    workeroutput = getattr(session.config, "workeroutput", None)
+    if workeroutput is not None:
+        workeroutput["fault_tally"] = _FAULT_TALLY
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error) -> None:
+    for module, counts in getattr(node, "workeroutput", {}).get("fault_tally", {}).items():
+        FaultTally(module).add_all(counts)
 
 
 def pytest_terminal_summary(terminalreporter) -> None:
@@ -50,6 +67,15 @@ def paths(tmp_path, monkeypatch) -> Paths:
     monkeypatch.delenv("PERF_PIPELINE_DATABASE", raising=False)
     monkeypatch.delenv("DAGSTER_HOME", raising=False)
     return paths_from_env().ensure()
+
+
+def inner_pytest_env(**overrides: str) -> dict[str, str]:
+    """The environment for a pytest that a test starts: without this project's settings
+    (PERF_*), a CI's variables, or an xdist worker's (PYTEST_*), which would make the inner
+    run measure, name or skip things as if it were part of this one; then `overrides`."""
+    env = {key: value for key, value in os.environ.items()
+           if not key.startswith(("PERF_", "PYTEST_", "GITHUB_", "GITLAB", "JENKINS", "CI_"))}
+    return {**env, **overrides}
 
 
 def write_jsonl(path: Path, rows: list) -> Path:

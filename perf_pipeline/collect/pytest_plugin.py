@@ -89,7 +89,9 @@ def collect_target(config: pytest.Config) -> str | None:
 
 
 def is_xdist_worker(config: pytest.Config) -> bool:
-    return bool(os.environ.get("PYTEST_XDIST_WORKER")) or hasattr(config, "workerinput")
+    # xdist sets workerinput before configuring a worker. Not PYTEST_XDIST_WORKER: a pytest
+    # that a test of an xdist run starts inherits it, and is a whole run of its own.
+    return hasattr(config, "workerinput")
 
 
 def pytest_configure(config: pytest.Config) -> None:

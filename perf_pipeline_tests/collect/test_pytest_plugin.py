@@ -3,7 +3,6 @@ on a small sample suite, with the rows it wrote loaded by the real pipeline or r
 real HTTP on loopback."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +13,7 @@ import pytest
 from perf_pipeline.cli import main
 from perf_pipeline.collect.pytest_plugin import PUSH_BATCH_ROWS, write_new
 from perf_pipeline.defs.runner import run_pipeline
-from perf_pipeline_tests.conftest import free_port
+from perf_pipeline_tests.conftest import free_port, inner_pytest_env
 from perf_pipeline_tests.collect.test_agent import RawReply
 
 SAMPLE_SUITE = {
@@ -107,9 +106,7 @@ def passing_suite(folder: Path) -> Path:
 
 def run_suite(suite: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
     """`python -m pytest` on `suite`, in a CI environment that is GitHub's plus `env`."""
-    environment = {key: value for key, value in os.environ.items()
-                   if not key.startswith(("PERF_", "GITHUB_", "GITLAB_", "JENKINS_", "PYTEST_"))}
-    environment.update({**GITHUB, **env})
+    environment = inner_pytest_env(**GITHUB, **env)
     return subprocess.run([sys.executable, "-m", "pytest", str(suite), *args,
                            "-p", "no:cacheprovider"],
                           cwd=suite, env=environment, capture_output=True, text=True, timeout=300)

@@ -14,7 +14,7 @@ import pytest
 
 from perf_pipeline.ingest.formats import MAX_DOCUMENT_ECHO, PARSERS, stage_bytes
 from perf_pipeline.ingest.landing import ingest_files
-from perf_pipeline_tests.conftest import metric_row
+from perf_pipeline_tests.conftest import inner_pytest_env, metric_row
 
 TINY_SUITE = '''
 import pytest
@@ -107,7 +107,8 @@ def _run_pytest(folder: Path, source: str, *arguments: str) -> None:
     (folder / "test_tiny.py").write_text(textwrap.dedent(source))
     subprocess.run([sys.executable, "-m", "pytest", "test_tiny.py", "-q", "-p", "no:cacheprovider",
                     "-p", "no:perf_pipeline", *arguments],
-                   cwd=folder, capture_output=True, text=True, timeout=120, check=False)
+                   cwd=folder, env=inner_pytest_env(), capture_output=True, text=True, timeout=120,
+                   check=False)
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ from perf_pipeline.cli import main
 from perf_pipeline.collect.push import PushError, push_bytes, push_rows
 from perf_pipeline.defs.runner import run_pipeline
 from perf_pipeline.storage.warehouse import open_warehouse
-from perf_pipeline_tests.conftest import free_port, metric_row, serving
+from perf_pipeline_tests.conftest import free_port, inner_pytest_env, metric_row, serving
 
 TOKEN = "gateway-test-token-0123456789"
 
@@ -178,9 +178,8 @@ def test_the_pytest_plugin_pushes_through_the_gateway_into_duckdb(gateway, paths
         "def test_fast():\n    assert True\n\n"
         "def test_slow():\n    time.sleep(0.2)\n\n"
         "def test_broken():\n    assert 1 == 2\n")
-    env = {key: value for key, value in os.environ.items()
-           if not key.startswith(("GITHUB_", "JENKINS", "GITLAB", "CI_", "PERF_"))}
-    env.update(PERF_API_TOKEN=TOKEN, PERF_TEST_RUN_ID="plugin-e2e", PERF_NODE_ID="node-e2e")
+    env = inner_pytest_env(PERF_API_TOKEN=TOKEN, PERF_TEST_RUN_ID="plugin-e2e",
+                           PERF_NODE_ID="node-e2e")
     done = subprocess.run([sys.executable, "-m", "pytest", str(suite), "-q", "-p", "no:cacheprovider",
                            f"--perf-collect={gateway}"], env=env, cwd=tmp_path,
                           capture_output=True, text=True, timeout=120)

@@ -226,6 +226,17 @@ def test_xdist_workers_measure_and_the_controller_writes(tmp_path):
     assert "perf_pipeline" not in (tmp_path / "junit.xml").read_text()  # not a user property
 
 
+def test_a_run_started_from_an_xdist_worker_is_a_run_of_its_own(tmp_path):
+    """A test of an xdist run that starts pytest passes on the worker's environment: the
+    inner run is not a worker, measures and writes its rows."""
+    suite = passing_suite(tmp_path / "suite")
+    done = run_suite(suite, f"--perf-collect={tmp_path / 'out'}", PYTEST_XDIST_WORKER="gw1",
+                     PYTEST_XDIST_WORKER_COUNT="2", PYTEST_XDIST_TESTRUNUID="outer")
+    assert done.returncode == 0 and "perf-collect: 10 rows written" in done.stdout, done.stdout[-3000:]
+    (path,) = (tmp_path / "out").iterdir()
+    assert session_values(read_rows(path))["test_count"] == 1
+
+
 def test_url_mode_pushes_rows_with_the_bearer_token(tmp_path, receiver):
     receiver.reply(200, json.dumps({"accepted": 10, "rejected": []}).encode())
     suite = passing_suite(tmp_path / "suite")

@@ -28,6 +28,7 @@ interactions with the others, so the average takes one prediction per context an
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,6 +37,8 @@ import numpy as np
 import pandas as pd
 from sklearn.ensemble import HistGradientBoostingRegressor
 from threadpoolctl import ThreadpoolController
+
+from perf_pipeline.parallel import cores, process_map
 
 BASELINES = ("last_value", "seasonal_naive_daily", "seasonal_naive_weekly")
 CONTEXT_COLUMNS = ("node_id", "node_type", "test_name", "test_type")
@@ -711,6 +714,21 @@ def fit_forecaster(points: pd.DataFrame, *, horizon_hours: int = 336, folds: int
         rows=fitted_rows, folds=len(actual), model_mae=model_mae,
         baseline_mae={name: mae[name] for name in BASELINES}, best_baseline=best_baseline,
         method=method, reason=reason, interval_coverage=coverage)
+
+
+def fit_forecasters(points: Sequence[pd.DataFrame], **options
+                    ) -> list[tuple[MetricForecaster, ForecastEvaluation]]:
+    """fit_forecaster on each metric's points (`options` are its keywords), the metrics
+    spread over the cores: a fit takes its one core for 0.5-2 s whatever the metric's size
+    (M's fourteen metrics: 13-14 s in one process, 8.2 s in two, the same results). Forking
+    is safe with the OpenMP runtime because every fit and prediction here runs under a one-
+    thread limit (_openmp_limit), so the parent never starts OpenMP's thread pool."""
+    return process_map(_fit_forecaster, [(frame, options) for frame in points], workers=cores())
+
+
+def _fit_forecaster(task: tuple[pd.DataFrame, dict]) -> tuple[MetricForecaster, ForecastEvaluation]:
+    points, options = task
+    return fit_forecaster(points, **options)
 
 
 def save_forecaster(forecaster: MetricForecaster, path: str | Path) -> None:

@@ -10,7 +10,7 @@ import pandas as pd
 from pydantic import Field
 
 from perf_pipeline.analysis import nodes
-from perf_pipeline.analysis.forecasting import fit_forecaster, load_forecaster, save_forecaster
+from perf_pipeline.analysis.forecasting import fit_forecasters, load_forecaster, save_forecaster
 from perf_pipeline.catalog import METRICS, Scope, get_metric
 from perf_pipeline.defs.analysis import WindowConfig, analysis_window, plot_metadata, utc_now
 from perf_pipeline.defs.resources import ModelStoreResource, WarehouseResource
@@ -78,13 +78,16 @@ def performance_models(context: dg.AssetExecutionContext, config: ModelConfig,
     registry, skipped = [], []
     with warehouse.open() as wh:
         window_start, window_end = analysis_window(context, config, wh)
+        found = {}
         for metric_name in config.metrics:
             points = _series_points(wh.hourly_points(metric_name, window_start, window_end), metric_name)
             if points.empty:
                 skipped.append(metric_name)
-                continue
-            forecaster, evaluation = fit_forecaster(points, horizon_hours=24 * config.horizon_days,
-                                                    folds=config.folds, max_rows=config.max_rows)
+            else:
+                found[metric_name] = points
+        fitted = fit_forecasters(list(found.values()), horizon_hours=24 * config.horizon_days,
+                                 folds=config.folds, max_rows=config.max_rows)
+        for (metric_name, points), (forecaster, evaluation) in zip(found.items(), fitted, strict=True):
             folder = model_store.folder(metric_name)
             path = folder / f"{trained_at:%Y%m%dT%H%M%S}.joblib"
             save_forecaster(forecaster, path)

@@ -11,6 +11,7 @@ from perf_pipeline.analysis.forecasting import (
     ForecastEvaluation,
     MetricForecaster,
     fit_forecaster,
+    fit_forecasters,
     load_forecaster,
     save_forecaster,
 )
@@ -128,6 +129,21 @@ def test_a_saved_forecaster_forecasts_the_same(seasonal, tmp_path):
     save_forecaster(forecaster, tmp_path / "forecaster.joblib")
     loaded = load_forecaster(tmp_path / "forecaster.joblib")
     pd.testing.assert_frame_equal(loaded.forecast(history), forecaster.forecast(history))
+
+
+def test_metrics_fitted_in_worker_processes_are_fitted_as_in_this_one(monkeypatch):
+    """fit_forecasters spreads metrics over forked workers: each metric gets what
+    fit_forecaster gives it here, in the order given, the model and its fallbacks alike."""
+    import perf_pipeline.analysis.forecasting as forecasting
+    monkeypatch.setattr(forecasting, "cores", lambda: 2)  # fork even on a one-core machine
+    metrics = [seasonal_nodes(4, 30, seed=8), random_walks(4, 28, seed=9),
+               seasonal_nodes(2, 3, seed=10), sparse_tests(12, 21, seed=11)]
+    fitted = fit_forecasters(metrics, seed=8, max_rows=20_000)
+    alone = [fit_forecaster(points, seed=8, max_rows=20_000) for points in metrics]
+    assert [evaluation for _, evaluation in fitted] == [evaluation for _, evaluation in alone]
+    assert {evaluation.method for _, evaluation in fitted} >= {"model", "last_value"}
+    for points, (forecaster, _), (expected, _) in zip(metrics, fitted, alone, strict=True):
+        pd.testing.assert_frame_equal(forecaster.forecast(points), expected.forecast(points))
 
 
 def test_a_forecast_has_every_series_and_hour_and_only_uses_points_up_to_its_origin(seasonal):

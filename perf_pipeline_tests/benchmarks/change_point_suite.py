@@ -4,7 +4,7 @@ Run `python -m perf_pipeline_tests.benchmarks.change_point_suite [--scale N] [--
 print one JSON line per figure for perf_pipeline's detector and, side by side, plain
 ruptures PELT with a fixed penalty. Figures are printed, never asserted.
 
-- `suite`: noise, single steps of 0.5–4σ (at least 30 points from either end), three steps
+- `suite`: noise, single steps of 0.5–64σ (at least 30 points from either end), three steps
   of 2σ, and 3σ ramps over 50 points, for every noise family and length.
 - `false_alarms`: a separate, larger noise-only sample (`--noise-points` per family, the
   same number of points at every length from 100 to 2,000), so that a rate of 1 in 10,000
@@ -37,7 +37,8 @@ FAMILIES = ("gaussian", "lognormal", "bimodal", "ar1", "outliers", "seasonal")
 LENGTHS = (100, 300, 1000, 2000)
 NOISE_LENGTHS = (100, 200, 500, 1000, 2000)
 STEP_LENGTHS = (100, 300, 1000)
-STEP_SIZES = (0.5, 1.0, 2.0, 4.0)
+# 16σ and 64σ: a quiet metric (a build time, an artifact size) that jumps
+STEP_SIZES = (0.5, 1.0, 2.0, 4.0, 16.0, 64.0)
 MIN_AFTER = 30
 TOLERANCE = 5
 SEED = 20261128

@@ -161,13 +161,20 @@ def _commit_cause(points: pd.DataFrame, members: pd.DataFrame, index: _SeriesInd
     good, last = before.iloc[-1], after.iloc[0]
     shifted, judged = node_spread
     score = len(shifted) / len(judged) if judged else 0.0
+    spread = f"shifted on {len(shifted)} of {len(judged)} nodes that ran these tests on both sides"
+    if not isinstance(good["commit_sha"], str) and not isinstance(last["commit_sha"], str):
+        # runs that recorded no commit: the range to bisect is of runs ("?..?" says nothing)
+        return {"cause_type": "commit",
+                "cause": f"runs {good['test_run_id']}..{last['test_run_id']}", "score": float(score),
+                "evidence": (f"the first changed run lies after {good['test_run_id']} up to "
+                             f"{last['test_run_id']}; these runs recorded no commit (send it as "
+                             f"context_data.commit to get a commit range to bisect); {spread}")}
     return {"cause_type": "commit",
             "cause": f"{_short(good['commit_sha'])}..{_short(last['commit_sha'])}",
             "score": float(score),
             "evidence": (f"bisect after {_short(good['commit_sha'])} ({good['test_run_id']}) up to "
                          f"{_short(last['commit_sha'])} ({last['test_run_id']}): the first "
-                         f"changed run lies in that range; shifted on {len(shifted)} of "
-                         f"{len(judged)} nodes that ran these tests on both sides")}
+                         f"changed run lies in that range; {spread}")}
 
 
 def _short(commit: object) -> str:

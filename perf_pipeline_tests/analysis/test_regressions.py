@@ -6,6 +6,7 @@ import pandas as pd
 
 from perf_pipeline import parallel
 from perf_pipeline.analysis import regressions
+from perf_pipeline.analysis.causes import CAUSE_COLUMNS, suspected_causes
 from perf_pipeline.analysis.change_points import HIGHER_IS_BETTER, detect_change_points
 from perf_pipeline.analysis.regressions import build_series, group_incidents, points_per_day, series_change_points
 from perf_pipeline.ingest.simulator import LOAD_SENSITIVITY, _ar1, _load_shape
@@ -14,10 +15,12 @@ START = pd.Timestamp("2026-10-01")
 RUNS_PER_DAY, DAYS, NODES, TESTS = 12, 30, 8, 30
 
 
-def _fleet(seed: int, *, slowdown_at: int | None = None, retries: bool = False) -> pd.DataFrame:
+def _fleet(seed: int, *, slowdown_at: int | None = None, slowed: int = TESTS, retries: bool = False,
+           commits: bool = True) -> pd.DataFrame:
     """Normalized points of a fleet whose test durations follow their node's CPU, which
     follows the fleet's daily and weekly load cycle (as in the simulator): nothing changes
-    unless every test slows by 25% from run `slowdown_at`."""
+    unless the first `slowed` tests (all by default) slow by 25% from run `slowdown_at`.
+    Each run records its commit unless `commits` is false."""
     rng = np.random.default_rng(seed)
     hours = DAYS * 24
     hour_times = START + pd.to_timedelta(np.arange(hours) + 0.5, unit="h")
@@ -36,14 +39,15 @@ def _fleet(seed: int, *, slowdown_at: int | None = None, retries: bool = False) 
     duration = (base[None, :] * (1 + LOAD_SENSITIVITY * (cpu[assignment, run_hour[:, None]] - 45))
                 * np.exp(rng.normal(0, 0.08, (n_runs, TESTS))))
     if slowdown_at is not None:
-        duration[slowdown_at:] *= 1.25
+        duration[slowdown_at:, :slowed] *= 1.25
     metrics = {"test_execution_time": duration}
     if retries:
         metrics["test_retry_count"] = rng.poisson(0.02, (n_runs, TESTS)).astype(float)
     for metric, values in metrics.items():
         rows += [{"timestamp": run_times[r], "metric_name": metric, "test_name": f"test_{t:02d}",
                   "node_id": nodes[assignment[r, t]], "value": values[r, t],
-                  "test_run_id": f"run-{r:04d}", "ci_job_id": f"job-{r:04d}", "commit_sha": f"c{r:04d}",
+                  "test_run_id": f"run-{r:04d}", "ci_job_id": f"job-{r:04d}",
+                  "commit_sha": f"c{r:04d}" if commits else None,
                   "metric_scope": "test", "direction": "lower_is_better"}
                  for r in range(n_runs) for t in range(TESTS)]
     return pd.DataFrame(rows)
@@ -72,6 +76,30 @@ def test_a_slowdown_of_every_test_is_found_in_the_run_series():
     assert overall["kind"].iloc[0] == "regression"
     assert abs(int(overall["first_test_run_id"].iloc[0][-4:]) - 200) <= 1
 
+
+
+def _commit_cause(points: pd.DataFrame):
+    """The commit cause of the code-change incident that most series share."""
+    series = build_series(points)
+    changes, incidents = group_incidents(series_change_points(series), series)
+    contexts = pd.DataFrame(columns=["test_run_id", "node_id", "field", "value"])
+    correlations = pd.DataFrame(columns=["metric_a", "metric_b", "pearson_r", "flagged"])
+    causes = suspected_causes(incidents, changes, series, contexts, correlations)
+    assert list(causes.columns) == CAUSE_COLUMNS
+    largest = incidents.loc[incidents["series"].idxmax()]
+    assert largest["attribution"] == "code_change" and largest["series"] >= 3
+    (cause,) = causes[(causes["incident_id"] == largest["incident_id"])
+                      & (causes["cause_type"] == "commit")].itertuples(index=False)
+    return cause
+
+
+def test_a_code_change_names_the_commits_to_bisect_or_the_runs_where_none_was_recorded():
+    with_commits = _commit_cause(_fleet(2, slowdown_at=200, slowed=5))
+    good, last = (int(c[1:]) for c in with_commits.cause.split(".."))
+    assert good < 200 <= last and last - good <= 3
+    without = _commit_cause(_fleet(2, slowdown_at=200, slowed=5, commits=False))
+    assert without.cause == f"runs run-{good:04d}..run-{last:04d}"
+    assert "?" not in without.cause + without.evidence and "context_data.commit" in without.evidence
 
 def _change(test: str, run: int, kind: str, magnitude: float) -> dict:
     return {"scope": "test", "metric_name": "test_execution_time", "test_name": test, "node_id": None,

@@ -10,9 +10,11 @@ which change-point detection reports, so it is not listed here. Multiplicative m
 both ways (`log_scale=None`), and series with a cycle (hourly samples with a daily one)
 lose the cycle first (`period`).
 
-`fleet_anomalies(series)` runs it over every series of the window: per-test series against
-the larger of the test's spread and the node's own noise, node series with their daily
-cycle removed, per-run CI metrics as they are.
+`fleet_anomalies(series)` runs it over every series of the window: per-test series net of
+where each run's node stood at the time (a node that turned slow and stays slow is a change
+point, not a spike in every test it runs) and against the larger of the test's spread and
+the node's own noise, node series with their daily cycle removed, per-run CI metrics as
+they are.
 
 `node_health_outliers(frame, features=...)` looks for nodes (or node-days, from
 `node_day_features`) whose combination of health metrics is unusual, with an isolation
@@ -290,19 +292,44 @@ def node_health_outliers(frame: pd.DataFrame, *, features: Sequence[str],
     return out
 
 
-def _node_noise(tests: pd.DataFrame, window: int, min_periods: int) -> pd.Series:
-    """Each per-test point's lower bound on its robust σ (log units): the typical deviation
-    of its node's runs from their tests' rolling medians. A noisy node's runs scatter three
-    times as far as a quiet node's, which a test's own rolling spread, pooled over all
-    nodes, does not know."""
+def _node_offsets_and_noise(tests: pd.DataFrame, window: int,
+                            min_periods: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each per-test point's node offset and lower bound on its robust σ (log units).
+
+    A point's residual is its log level less its test's rolling median. The offset is
+    where its node's runs stood around that time: the rolling median, over the node's runs
+    in time order, of each run's median residual. A node that turns slow and stays slow
+    (a failing disk) is a lasting change, which change points report as a node problem;
+    net of the offset its runs are ordinary in every test's series, where they would
+    otherwise each look like a spike among the other nodes' runs, while a run or two of
+    a hiccup moves a median of `window` runs hardly at all. The bound is the typical
+    deviation of the node's points from their tests' levels, net of the offset: a noisy
+    node's runs scatter three times as far as a quiet node's, which a test's own rolling
+    spread, pooled over all nodes, does not know."""
     levels = tests["level"].to_numpy(dtype=float)
     logs = np.log(np.where(levels > 0, levels, np.nan))
     residuals = np.full(len(tests), np.nan)
     for positions in tests.groupby(["metric_name", "test_name"], sort=False).indices.values():
         residuals[positions] = logs[positions] - _rolling_median(logs[positions], window, min_periods)
-    residual = pd.Series(residuals, index=tests.index)
-    spread = residual.abs().groupby([tests["metric_name"], tests["run_node_id"]]).transform("median")
-    return MAD_TO_SIGMA * spread
+    # a point without a run id is a run of its own
+    runs = pd.factorize(tests["test_run_id"])[0]
+    runs = np.where(runs >= 0, runs, runs.max(initial=-1) + 1 + np.arange(len(tests)))
+    # names as integer codes: as text they would be a Python string per point
+    by_run = pd.DataFrame({"metric": pd.factorize(tests["metric_name"])[0],
+                           "node": pd.factorize(tests["run_node_id"])[0], "run": runs,
+                           "time": tests["timestamp"].to_numpy(), "residual": residuals})
+    grouped = by_run.groupby(["metric", "node", "run"], sort=False)
+    run_of_point = grouped.ngroup().to_numpy()
+    per_run = grouped.agg(time=("time", "min"), residual=("residual", "median"))
+    run_offsets = np.zeros(len(per_run))
+    run_residuals = per_run["residual"].to_numpy(dtype=float)
+    for positions in per_run.groupby(level=["metric", "node"], sort=False).indices.values():
+        positions = positions[np.argsort(per_run["time"].to_numpy()[positions], kind="stable")]
+        run_offsets[positions] = _rolling_median(run_residuals[positions], window, min_periods)
+    offsets = np.nan_to_num(run_offsets[run_of_point])
+    spread = (pd.Series(np.abs(residuals - offsets), index=tests.index)
+              .groupby([tests["metric_name"], tests["run_node_id"]], observed=True).transform("median"))
+    return offsets, MAD_TO_SIGMA * spread.to_numpy(dtype=float)
 
 
 def _detect(task: tuple) -> list:
@@ -315,8 +342,9 @@ def fleet_anomalies(series: pd.DataFrame, *, threshold: float = 6.0, window: int
     """Spikes, dips and short bursts of every series, and how many series were skipped.
 
     `series` is `regressions.build_series` output: per-test series (each test's runs, their
-    levels adjusted for each node's speed) are scored on a log scale against the larger of
-    the test's rolling spread and the node's own noise; node metric series (samples per
+    levels adjusted for each node's speed, and net of where the node stood at the time; see
+    _node_offsets_and_noise) are scored on a log scale against the larger of the test's
+    rolling spread and the node's own noise; node metric series (samples per
     node) with their daily cycle removed; per-run CI metrics as they come. A node's
     per-test ratios are not scored again: their points are the tests' points. Series where
     half the values are one value (rare-event counts, rates stuck at 100%) are skipped.
@@ -327,7 +355,8 @@ def fleet_anomalies(series: pd.DataFrame, *, threshold: float = 6.0, window: int
     series = series.loc[~((series["scope"] == "node") & (series["metric_scope"] == "test")),
                         [*keys, "timestamp", "level", "value", "run_node_id", "test_run_id"]]
     tests = series[series["scope"] == "test"]
-    floor = _node_noise(tests, window, min_periods=8) if len(tests) else pd.Series(dtype=float)
+    offset, floor = (pd.Series(values, index=tests.index) for values in (
+        _node_offsets_and_noise(tests, window, min_periods=8) if len(tests) else ([], [])))
     del tests
     rows, skipped = [], 0
     grouped = series.groupby(keys, dropna=False, sort=True)
@@ -338,9 +367,11 @@ def fleet_anomalies(series: pd.DataFrame, *, threshold: float = 6.0, window: int
     order = np.lexsort((timestamps, group))
     bounds = np.flatnonzero(np.diff(group[order])) + 1
     del group
-    levels, raws = series["level"].to_numpy(dtype=float), series["value"].to_numpy(dtype=float)
+    raws = series["value"].to_numpy(dtype=float)
+    # per-test levels net of where their node stood at the time (see _node_offsets_and_noise)
+    levels = series["level"].to_numpy(dtype=float) / np.exp(offset.reindex(series.index).fillna(0.0).to_numpy())
     floors = floor.reindex(series.index).to_numpy(dtype=float)
-    del floor
+    del offset, floor
     judged, tasks = [], []
     for (scope, metric, test, _node), positions in zip(names, np.split(order, bounds)):
         values = levels[positions]

@@ -105,6 +105,33 @@ def test_a_noisy_nodes_scatter_is_not_a_test_anomaly_but_a_spike_on_a_quiet_node
     assert found["value"].iloc[0] == pytest.approx(frame.loc[quiet, "value"])
 
 
+def test_a_node_that_stays_slow_is_not_a_stream_of_test_spikes_but_a_spike_on_it_still_is():
+    """A node whose runs turn twice as slow for the last quarter of the window (a failing
+    disk) is a lasting change, which change points report as a node problem; in each
+    test's series its runs, spread among other nodes' runs, would otherwise each look like
+    a spike. A single run four times as slow on that node, after it slowed, still is one."""
+    rng = np.random.default_rng(9)
+    start = pd.Timestamp("2026-01-01")
+    rows = []
+    for run in range(400):
+        for test in range(5):
+            node = f"node-{rng.integers(1, 7)}"
+            value = 2.0 * (test + 1) * np.exp(rng.normal(0, 0.05)) * (2.0 if node == "node-3" and run >= 300 else 1.0)
+            rows.append({"timestamp": start + pd.Timedelta(hours=2 * run, seconds=test),
+                         "metric_name": "test_execution_time", "test_name": f"t{test}",
+                         "node_id": None, "run_node_id": node, "test_run_id": f"run-{run}",
+                         "metric_scope": "test", "scope": "test", "value": value, "level": value})
+    frame = _series_frame(rows)
+    on_slow_node = frame.index[(frame.run_node_id == "node-3") & (frame.test_name == "t2")
+                               & (frame.test_run_id.str[4:].astype(int) >= 340)][0]
+    frame.loc[on_slow_node, ["value", "level"]] *= 4
+    found, _ = fleet_anomalies(frame)
+    assert list(found["test_run_id"]) == [frame.loc[on_slow_node, "test_run_id"]]
+    assert found["node_id"].iloc[0] == "node-3" and found["kind"].iloc[0] == "spike"
+    # expected in the metric's units: the test's level on that node at the time, twice its usual
+    assert found["expected"].iloc[0] == pytest.approx(2 * 6.0, rel=0.1)
+
+
 def test_series_stuck_on_one_value_are_skipped_not_scored():
     start = pd.Timestamp("2026-01-01")
     retries = np.zeros(300)

@@ -355,7 +355,7 @@ def fleet_anomalies(series: pd.DataFrame, *, threshold: float = 6.0, window: int
     series = series.loc[~((series["scope"] == "node") & (series["metric_scope"] == "test")),
                         [*keys, "timestamp", "level", "value", "run_node_id", "test_run_id"]]
     tests = series[series["scope"] == "test"]
-    offset, floor = (pd.Series(values, index=tests.index) for values in (
+    offset, floor = (pd.Series(values, index=tests.index, dtype=float) for values in (
         _node_offsets_and_noise(tests, window, min_periods=8) if len(tests) else ([], [])))
     del tests
     rows, skipped = [], 0

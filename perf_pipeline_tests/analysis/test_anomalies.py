@@ -132,6 +132,24 @@ def test_a_node_that_stays_slow_is_not_a_stream_of_test_spikes_but_a_spike_on_it
     assert found["expected"].iloc[0] == pytest.approx(2 * 6.0, rel=0.1)
 
 
+
+def test_a_window_of_node_and_run_series_only_is_scored_too():
+    """No per-test series at all (a fleet that sends node samples and CI metrics only)."""
+    rng = np.random.default_rng(4)
+    start = pd.Timestamp("2026-01-01")
+    values = 50 + rng.normal(0, 2, 300)
+    values[150] = 90
+    frame = _series_frame(
+        [{"timestamp": start + pd.Timedelta(hours=i), "metric_name": "cpu_usage", "test_name": None,
+          "node_id": "node-1", "run_node_id": "node-1", "test_run_id": None, "metric_scope": "node",
+          "scope": "node", "value": v, "level": v} for i, v in enumerate(values)]
+        + [{"timestamp": start + pd.Timedelta(hours=i), "metric_name": "build_time", "test_name": None,
+            "node_id": None, "run_node_id": "ci", "test_run_id": f"run-{i}", "metric_scope": "run",
+            "scope": "overall", "value": v, "level": v} for i, v in enumerate(300 + rng.normal(0, 5, 300))])
+    found, skipped = fleet_anomalies(frame)
+    assert skipped == 0
+    assert list(zip(found["metric_name"], found["timestamp"])) == [("cpu_usage", start + pd.Timedelta(hours=150))]
+
 def test_series_stuck_on_one_value_are_skipped_not_scored():
     start = pd.Timestamp("2026-01-01")
     retries = np.zeros(300)

@@ -162,7 +162,9 @@ def compare_run(run: pd.DataFrame, baseline: pd.DataFrame, *,
     """Judge every (metric, test) of `run` against `baseline`.
 
     Both frames have columns metric_name, test_name (None for run-wide metrics),
-    test_run_id and value, with canonical metric names and units.
+    test_run_id and value, with canonical metric names and units; where `run` has node_id,
+    the reason of a regression names the nodes its measurements came from (one sick node
+    fails the builds that land on it, and the person reading the verdict should see that).
     """
     rows = []
     # Run-wide metrics have no test: group them under "" so both frames key alike.
@@ -175,7 +177,8 @@ def compare_run(run: pd.DataFrame, baseline: pd.DataFrame, *,
         direction = catalog.get_metric(metric).direction
         row = {"metric_name": metric, "test_name": test, "direction": direction.value,
                "threshold_percent": float(threshold_percent(metric)),
-               "run_measurements": len(group)}
+               "run_measurements": len(group),
+               "nodes": sorted(group["node_id"].dropna().unique()) if "node_id" in group else []}
         runs = 0 if history is None else history["test_run_id"].nunique()
         if runs < settings.min_baseline_runs:
             row.update(verdict=NO_BASELINE, baseline_runs=runs,
@@ -200,6 +203,9 @@ def compare_run(run: pd.DataFrame, baseline: pd.DataFrame, *,
         result[column] = result[column].astype(object) if column in result else None
     for index in result.index[tested]:
         verdict, detectable, reason = _verdict(result.loc[index], family, settings)
+        nodes = result.at[index, "nodes"]
+        if verdict in (REGRESSION, POSSIBLE, SMALL) and nodes:
+            reason += f"; measured on {_names(nodes)}"
         result.at[index, "verdict"] = verdict
         result.at[index, "detectable_percent"] = detectable
         result.at[index, "reason"] = reason
@@ -210,6 +216,11 @@ def compare_run(run: pd.DataFrame, baseline: pd.DataFrame, *,
     result = result.assign(_rank=result["verdict"].map(order)).sort_values(
         ["_rank", "p_adjusted", "metric_name", "test_name"], na_position="last")
     return result[COLUMNS].reset_index(drop=True)
+
+
+def _names(nodes: list[str], shown: int = 3) -> str:
+    more = len(nodes) - shown
+    return ", ".join(nodes[:shown]) + (f" and {more} more" if more > 0 else "")
 
 
 def _verdict(row: pd.Series, family: int, settings: GateSettings) -> list:

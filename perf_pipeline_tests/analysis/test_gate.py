@@ -51,6 +51,23 @@ def test_a_ten_percent_regression_on_a_three_percent_noise_test_fails():
     assert caught >= 19
 
 
+
+def test_a_regression_names_the_nodes_it_was_measured_on():
+    rng = np.random.default_rng(12)
+    baseline, run = history(rng)
+    run["node_id"] = np.where(np.arange(len(run)) % 2, "node-3", "node-1")
+    slow = run["test_name"] == "tests/test_m.py::test_3"
+    run.loc[slow, "value"] *= 1.3
+    run.loc[slow, "node_id"] = "node-3"
+    result = compare_run(run, baseline, threshold_percent=threshold)
+    (flagged,) = result[result["verdict"] == REGRESSION].itertuples(index=False)
+    assert flagged.test_name == "tests/test_m.py::test_3"
+    assert flagged.reason.endswith("; measured on node-3")
+    run.loc[slow, "node_id"] = [f"node-{i}" for i in range(slow.sum())]
+    (flagged,) = compare_run(run, baseline, threshold_percent=threshold).query("verdict == @REGRESSION").itertuples(index=False)
+    assert flagged.reason.endswith("; measured on node-0, node-1, node-2 and 2 more")
+    assert (result.loc[result["verdict"] == OK, "reason"] == "").all()
+
 def test_runs_without_change_pass_at_least_99_times_in_100():
     rng = np.random.default_rng(5)
     failures = 0

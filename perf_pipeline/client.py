@@ -265,7 +265,9 @@ class PerformanceTrends:
             scores = wh.table("node_performance_scores")
             risk = wh.table("node_health_risk")
         if scores.empty:
-            raise LookupError("no node scores yet: materialize node_performance_scores first")
+            raise LookupError("no node scores: node_performance_scores has not run, or its window "
+                              "held no node or per-test metric that varied enough to rank nodes "
+                              "by (values all but constant)")
         speed = scores[scores["metric_name"] == nodes.SPEED_METRIC]
         speed = speed[speed["test_type"].notna()] if test_type is not None else speed[speed["test_type"].isna()]
         return nodes.select_nodes(speed, scores[scores["metric_name"] == nodes.STABILITY], risk,

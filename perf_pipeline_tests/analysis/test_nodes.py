@@ -142,3 +142,13 @@ def test_select_nodes_puts_fast_healthy_nodes_first_and_risky_ones_last():
         nodes.select_nodes(speed, stability, risk, test_type="perf")
     with pytest.raises(ValueError, match="k must be"):
         nodes.select_nodes(speed, stability, risk, k=0)
+
+
+def test_select_nodes_on_a_database_without_scores_says_why(tmp_path):
+    from perf_pipeline.client import PerformanceTrends
+    from perf_pipeline.storage.warehouse import open_warehouse
+
+    with open_warehouse(tmp_path / "perf.duckdb"):
+        pass  # the schema, no rows
+    with pytest.raises(LookupError, match="has not run, or its window held no node or per-test metric"):
+        PerformanceTrends(database=tmp_path / "perf.duckdb").select_nodes()

@@ -81,21 +81,26 @@ def _series_frame(rows: list[dict]) -> pd.DataFrame:
     return frame
 
 
-def test_a_noisy_nodes_scatter_is_not_a_test_anomaly_but_a_spike_on_a_quiet_node_is():
-    """Per-test series span nodes: a node whose runs scatter 4x as far sets its own scale."""
-    rng = np.random.default_rng(8)
+def _test_runs(rng: np.random.Generator, *, tests: int, nodes: int, sigma, factor=lambda node, run: 1.0):
+    """400 runs two hours apart, each running every test once on a random node: test t
+    takes 2(t + 1) s times log-normal noise of `sigma(node)` times `factor(node, run)`."""
     start = pd.Timestamp("2026-01-01")
     rows = []
     for run in range(400):
-        for test in range(3):
-            node = f"node-{rng.integers(1, 9)}"
-            sigma = 0.32 if node == "node-1" else 0.08
-            value = 2.0 * (test + 1) * np.exp(rng.normal(0, sigma))
+        for test in range(tests):
+            node = f"node-{rng.integers(1, nodes + 1)}"
+            value = 2.0 * (test + 1) * np.exp(rng.normal(0, sigma(node))) * factor(node, run)
             rows.append({"timestamp": start + pd.Timedelta(hours=2 * run, seconds=test),
                          "metric_name": "test_execution_time", "test_name": f"t{test}",
                          "node_id": None, "run_node_id": node, "test_run_id": f"run-{run}",
                          "metric_scope": "test", "scope": "test", "value": value, "level": value})
-    frame = _series_frame(rows)
+    return _series_frame(rows)
+
+
+def test_a_noisy_nodes_scatter_is_not_a_test_anomaly_but_a_spike_on_a_quiet_node_is():
+    """Per-test series span nodes: a node whose runs scatter 4x as far sets its own scale."""
+    frame = _test_runs(np.random.default_rng(8), tests=3, nodes=8,
+                       sigma=lambda node: 0.32 if node == "node-1" else 0.08)
     quiet = frame.index[(frame.run_node_id != "node-1") & (frame.test_name == "t1")][200]
     frame.loc[quiet, ["value", "level"]] *= 4
     found, skipped = fleet_anomalies(frame)
@@ -110,18 +115,8 @@ def test_a_node_that_stays_slow_is_not_a_stream_of_test_spikes_but_a_spike_on_it
     disk) is a lasting change, which change points report as a node problem; in each
     test's series its runs, spread among other nodes' runs, would otherwise each look like
     a spike. A single run four times as slow on that node, after it slowed, still is one."""
-    rng = np.random.default_rng(9)
-    start = pd.Timestamp("2026-01-01")
-    rows = []
-    for run in range(400):
-        for test in range(5):
-            node = f"node-{rng.integers(1, 7)}"
-            value = 2.0 * (test + 1) * np.exp(rng.normal(0, 0.05)) * (2.0 if node == "node-3" and run >= 300 else 1.0)
-            rows.append({"timestamp": start + pd.Timedelta(hours=2 * run, seconds=test),
-                         "metric_name": "test_execution_time", "test_name": f"t{test}",
-                         "node_id": None, "run_node_id": node, "test_run_id": f"run-{run}",
-                         "metric_scope": "test", "scope": "test", "value": value, "level": value})
-    frame = _series_frame(rows)
+    frame = _test_runs(np.random.default_rng(9), tests=5, nodes=6, sigma=lambda node: 0.05,
+                       factor=lambda node, run: 2.0 if node == "node-3" and run >= 300 else 1.0)
     on_slow_node = frame.index[(frame.run_node_id == "node-3") & (frame.test_name == "t2")
                                & (frame.test_run_id.str[4:].astype(int) >= 340)][0]
     frame.loc[on_slow_node, ["value", "level"]] *= 4

@@ -793,7 +793,9 @@ def _permutation_changes(y: np.ndarray, settings: DetectorSettings) -> list[tupl
         for first in range(0, draws, 2_000):
             rows = rng.permuted(np.tile(x, (min(2_000, draws - first), 1)), axis=1)
             exceed += int(np.sum(_max_split_z_rows(rows, h) >= observed * (1 - 1e-9)))
-        p_value = exceed / draws  # the share of random orders that split as well
+        # the share of random orders that split as well, the observed one counted among
+        # them: never 0 (an alert read "p 0"), at least 1 / (draws + 1)
+        p_value = (exceed + 1) / (draws + 1)
         spread = float(np.std(x))
         effect = abs(float(np.mean(x[k:]) - np.mean(x[:k]))) / spread if spread > 0 else 0.0
         if p_value > threshold or effect < settings.min_effect:

@@ -185,7 +185,9 @@ def test_short_constant_and_bad_input():
     assert detect_change_points([1.0, 2.0, 3.0]) == []
     assert detect_change_points([5.0] * 50) == []
     (step,) = detect_change_points([5.0] * 50 + [6.0] * 50)
-    assert step.index == 50 and step.p_value == 0.0
+    # judged by permutations (mostly one value each side), the observed order counted
+    # among them: never p = 0, which an alert would print
+    assert step.index == 50 and 0 < step.p_value < 2e-4
     with pytest.raises(ValueError, match="direction"):
         detect_change_points([1.0] * 20, direction="up")
 

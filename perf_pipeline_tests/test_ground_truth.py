@@ -455,6 +455,31 @@ def test_a_fleet_of_pure_noise_raises_no_alert(tmp_path, monkeypatch):
     assert risky.empty, risky
 
 
+
+def test_a_quiet_ci_metric_that_jumps_raises_its_alert_on_a_fleet_without_tests(paths, tmp_path):
+    """A fleet the simulator never makes: node samples and per-build CI metrics only, no
+    per-test series at all, and an artifact size on 1% noise that grows by half five days
+    before the end (a step of 50 noise sigmas, which the noise estimate once took for
+    autocorrelation). Exactly that alert, at that build; the node samples stay quiet."""
+    from perf_pipeline_tests.conftest import write_jsonl
+
+    rng = np.random.default_rng(21)
+    start = pd.Timestamp("2026-10-31")
+    rows = [{"timestamp": (start + pd.Timedelta(hours=h)).isoformat(), "metric_name": "cpu_usage",
+             "metric_value": float(np.clip(45 + 10 * np.sin(2 * np.pi * h / 24) + rng.normal(0, 4), 1, 99)),
+             "node_id": f"node-{n}"} for h in range(20 * 24) for n in range(3)]
+    rows += [{"timestamp": (start + pd.Timedelta(hours=4 * b, minutes=7)).isoformat(),
+              "metric_name": "artifact_size", "node_id": "ci-runner", "test_run_id": f"build-{b:03d}",
+              "metric_value": float(800 * (1.5 if b >= 90 else 1.0) * (1 + rng.normal(0, 0.01)))}
+             for b in range(120)]
+    ingest_files([write_jsonl(tmp_path / "fleet.jsonl", rows)], paths.landing, today=END.date())
+    run_pipeline(paths, progress=lambda _: None)
+    with open_warehouse(paths.database, read_only=True) as wh:
+        alerts = wh.table("regression_alerts")
+    assert alerts["metric_name"].tolist() == ["artifact_size"], alerts.title.tolist()
+    (alert,) = alerts.itertuples(index=False)
+    assert alert.first_test_run_id == "build-090" and 45 < alert.magnitude_percent < 55
+
 @pytest.mark.slow
 def test_a_muted_test_raises_no_alert_and_sends_nothing(tmp_path_factory, tmp_path, receiver):
     from perf_pipeline.alerts import ALERT_COLUMNS, deliver_outbox, reconcile

@@ -455,7 +455,6 @@ def test_a_fleet_of_pure_noise_raises_no_alert(tmp_path, monkeypatch):
     assert risky.empty, risky
 
 
-
 def test_a_quiet_ci_metric_that_jumps_raises_its_alert_on_a_fleet_without_tests(paths, tmp_path):
     """A fleet the simulator never makes: node samples and per-build CI metrics only, no
     per-test series at all, and an artifact size on 1% noise that grows by half five days
@@ -479,6 +478,7 @@ def test_a_quiet_ci_metric_that_jumps_raises_its_alert_on_a_fleet_without_tests(
     assert alerts["metric_name"].tolist() == ["artifact_size"], alerts.title.tolist()
     (alert,) = alerts.itertuples(index=False)
     assert alert.first_test_run_id == "build-090" and 45 < alert.magnitude_percent < 55
+
 
 @pytest.mark.slow
 def test_a_muted_test_raises_no_alert_and_sends_nothing(tmp_path_factory, tmp_path, receiver):

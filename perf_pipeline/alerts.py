@@ -104,9 +104,20 @@ def _change_candidates(incidents: pd.DataFrame, changes: pd.DataFrame, causes: p
             "severity": _severity(worst.metric_name, worst.magnitude_percent,
                                   settings.threshold_percent(worst.metric_name)),
             "title": (f"{worst.metric_name} {worst.magnitude_percent:+.0f}% on {_where(tests, node)}"
-                      + (f" from run {first_run}" if first_run else "")),
+                      + _since(worst, first_run)),
         })
     return out
+
+
+def _since(change: pd.Series, first_run: str | None) -> str:
+    """Where a change begins, for its title: the first run of a step; a ramp's run and how
+    long it lasted (a ramp is a drift, not one run's doing)."""
+    start = f" from run {first_run}" if first_run else ""
+    # a row's fields by name: `change.shape` would be the row's own length
+    if change.get("shape") != "ramp" or pd.isna(change.get("end_timestamp")):
+        return start
+    days = (pd.Timestamp(change["end_timestamp"]) - pd.Timestamp(change["timestamp"])) / pd.Timedelta(days=1)
+    return f", a ramp over {days:.1f} days{start}"
 
 
 def _merge_node_problems(candidates: list[dict]) -> list[dict]:

@@ -177,6 +177,14 @@ def test_a_node_sick_in_several_metrics_and_the_trend_of_a_code_change_are_one_a
     assert len(later) == 2 and set(later.alert_id) == set(outbox.alert_id)
 
 
+def test_a_ramp_is_titled_as_one_with_how_long_it_lasted():
+    ramp = {**_change("a"), "shape": "ramp", "end_timestamp": T0 + pd.Timedelta(days=6, hours=12)}
+    outbox, _ = _reconcile(EMPTY, [_incident()], [ramp])
+    assert outbox.iloc[0].title == "test_execution_time +30% on a, a ramp over 6.5 days from run run-7"
+    step = {**ramp, "shape": "step", "end_timestamp": None}
+    assert _reconcile(EMPTY, [_incident()], [step])[0].iloc[0].title == "test_execution_time +30% on a from run run-7"
+
+
 def test_steps_of_one_commit_placed_a_few_runs_apart_and_their_run_series_are_one_alert():
     later = T0 + pd.Timedelta(hours=10)
     changes = [_change("a", incident="i1"), _change("b", incident="i2", at=later),

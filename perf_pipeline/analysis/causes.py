@@ -7,13 +7,16 @@ incident's first run and compared before and after:
   count, any key the runs report in `context_data`) whose value after the change was rare
   before. Score: the share of runs after carrying the new value minus its share before
   (1.0: every run switched at the change).
-- **commit** — for a code change, the range of commits to bisect: from the last run
-  before the earliest plausible start of the change to the latest plausible first
-  changed run (`regressions.plausible_start`). Score: the share of nodes that show the shift (a code
-  change slows its tests wherever they run).
+- **commit** — for a code change or a CI metric's change, the range of commits to bisect:
+  from the last run before the earliest plausible start of the change to the latest
+  plausible first changed run (`regressions.plausible_start`). Score: the share of nodes
+  that show the shift (a code change slows its tests wherever they run).
 - **node** — for a node problem, the share of the node's tests that slowed minus the
   share of those tests that slowed on other nodes (a sick node slows everything it runs)
   — or, for a code change seen on only one of several nodes, that node.
+- **gradual** — instead of a commit range, for a change that is a ramp starting with the
+  window: it has no first run, so no range is made up for it (a node problem keeps its
+  node).
 - **co-moving metric** — another metric's change point at the same time on the same node
   (for a node problem) or fleet-wide (per test or per run, for a code change or a CI
   metric), weighted by how strongly the two metrics correlate.
@@ -26,7 +29,12 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from perf_pipeline.analysis.regressions import plausible_start, test_rows
+from perf_pipeline.analysis.regressions import (
+    net_of_run_steps,
+    plausible_start,
+    plausible_start_of_series,
+    test_rows,
+)
 
 CAUSE_COLUMNS = ["incident_id", "rank", "cause_type", "cause", "score", "evidence"]
 # A context value is new when it was on at most this share of the runs before the change.
@@ -40,6 +48,9 @@ _SAME_TIME = pd.Timedelta(hours=12)
 _CO_MOVING_BASE = 0.25
 _MIN_POINTS = 2
 _MAX_CAUSES = 5
+# A ramp with fewer than this share of its series' points before it starts with the
+# window: when it began is not known, so there is no commit range to bisect.
+_OPENING_SHARE = 0.1
 
 
 class _SeriesIndex:
@@ -150,10 +161,12 @@ def _context_causes(points: pd.DataFrame, at: pd.Timestamp, contexts: pd.DataFra
 
 
 def _commit_cause(points: pd.DataFrame, members: pd.DataFrame, index: _SeriesIndex,
-                  node_spread: tuple[list, list]) -> dict | None:
+                  node_spread: tuple[list, list], *, per_test: bool = True) -> dict | None:
     """The commits to bisect: from the last run before the earliest plausible start of the
-    change to the latest plausible first changed run."""
-    earliest, latest = plausible_start(members, index.tests, rows=(index.tests, index.test_rows))
+    change to the latest plausible first changed run. `per_test`: the change is in
+    per-test series (a code change), else in one CI metric's series (`points`)."""
+    earliest, latest = (plausible_start(members, index.tests, rows=(index.tests, index.test_rows))
+                        if per_test else plausible_start_of_series(members, points))
     runs = points.dropna(subset=["test_run_id"]).sort_values("timestamp").drop_duplicates("test_run_id")
     before, after = runs[runs["timestamp"] < earliest], runs[runs["timestamp"] >= latest]
     if before.empty or after.empty:
@@ -161,7 +174,8 @@ def _commit_cause(points: pd.DataFrame, members: pd.DataFrame, index: _SeriesInd
     good, last = before.iloc[-1], after.iloc[0]
     shifted, judged = node_spread
     score = len(shifted) / len(judged) if judged else 0.0
-    spread = f"shifted on {len(shifted)} of {len(judged)} nodes that ran these tests on both sides"
+    spread = (f"shifted on {len(shifted)} of {len(judged)} nodes that "
+              f"{'ran these tests' if per_test else 'reported it'} on both sides")
     if not isinstance(good["commit_sha"], str) and not isinstance(last["commit_sha"], str):
         # runs that recorded no commit: the range to bisect is of runs ("?..?" says nothing)
         return {"cause_type": "commit",
@@ -175,6 +189,24 @@ def _commit_cause(points: pd.DataFrame, members: pd.DataFrame, index: _SeriesInd
             "evidence": (f"bisect after {_short(good['commit_sha'])} ({good['test_run_id']}) up to "
                          f"{_short(last['commit_sha'])} ({last['test_run_id']}): the first "
                          f"changed run lies in that range; {spread}")}
+
+
+def _gradual_cause(points: pd.DataFrame, members: pd.DataFrame) -> dict | None:
+    """A change that is a ramp the window opens with: it began at or before the window's
+    start, so no run or commit can be named where it began."""
+    if members.empty or not (members["shape"] == "ramp").all() or points.empty:
+        return None
+    start = members["timestamp"].min()
+    stamps = points["timestamp"]
+    if (stamps < start).sum() >= _OPENING_SHARE * len(points):
+        return None
+    end = members["end_timestamp"].max()
+    until = f" until {pd.Timestamp(end):%Y-%m-%d %H:%M}" if pd.notna(end) else ""
+    return {"cause_type": "gradual", "cause": f"a ramp since {stamps.min():%Y-%m-%d} or before",
+            "score": 1.0,
+            "evidence": (f"the series changes gradually from the window's start ({stamps.min():%Y-%m-%d}){until}: "
+                         f"a ramp, not a step, with no run where it began; look for what grew over "
+                         f"that time (data, caches, dependencies) rather than one commit")}
 
 
 def _short(commit: object) -> str:
@@ -246,7 +278,7 @@ def suspected_causes(incidents: pd.DataFrame, changes: pd.DataFrame, series: pd.
     `contexts` from `correlations.flatten_contexts`, `correlations` from
     `correlations.metric_correlations`."""
     rows = []
-    index = _SeriesIndex(series)
+    index = _SeriesIndex(net_of_run_steps(series, changes))
     contexts = _named_as(contexts, series)
     for incident in incidents[incidents["kind"] != "improvement"].itertuples(index=False):
         members = changes[changes["incident_id"] == incident.incident_id]
@@ -254,12 +286,18 @@ def suspected_causes(incidents: pd.DataFrame, changes: pd.DataFrame, series: pd.
         magnitude = float(incident.worst_magnitude_percent) if pd.notna(incident.worst_magnitude_percent) else 0.0
         points = index.points(incident, members)
         causes = _context_causes(points, at, contexts)
+        # a ramp the window opens with instead of a commit range, which would be made up
+        gradual = _gradual_cause(points, members) if incident.attribution != "node_problem" else None
         if incident.attribution == "code_change":
             node_spread = _spread(points, at, "run_node_id", magnitude)
-            causes += [_commit_cause(points, members, index, node_spread),
+            causes += [gradual or _commit_cause(points, members, index, node_spread),
                        _single_node_cause(node_spread)]
         elif incident.attribution == "node_problem":
             causes.append(_node_problem_cause(incident, index.tests, at, magnitude))
+        elif len(points):  # a CI metric: its runs' commits, as for a code change
+            causes.append(gradual or _commit_cause(points, members, index,
+                                                   _spread(points, at, "run_node_id", magnitude),
+                                                   per_test=False))
         causes += _co_moving(incident, members, changes, correlations)
         ranked = sorted((c for c in causes if c is not None), key=lambda c: -c["score"])[:_MAX_CAUSES]
         rows += [{"incident_id": incident.incident_id, "rank": rank, **cause}

@@ -4,14 +4,15 @@ Series: each per-test metric per test (all nodes), each metric per node (per-tes
 as ratios to the test's median, so the node's test mix does not matter), and each per-run
 metric overall; per-test metrics are judged net of the load the fleet shares (a test
 against its run, a node against its own load), so each also has a series of its run
-levels, where a change that moves every test alike shows. A change that many tests share
+levels; a step there that load does not explain is a change most tests made, and the tests
+are judged net of it (`net_of_run_steps`). A change that many tests share
 at the same run is a code change; a change on one node is a node problem: the two call for
 different people (bisect the commit, drain the node).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import replace
 
 import numpy as np
@@ -74,8 +75,9 @@ def build_series(points: pd.DataFrame) -> pd.DataFrame:
     # A test is judged against the other tests of the same run (each at its node's
     # speed): load that the whole fleet shares (busy afternoons, quiet weekends) moves every
     # test of a run alike and cancels, while a code change that touches a few tests hardly
-    # moves the run's median. A change that slows every test alike cancels too: it shows
-    # only in the run's own series (`run_series`: scope "overall", the run's median ratio).
+    # moves the run's median. A change that slows most tests moves the median too: it
+    # shows in the run's own series (`run_series`: scope "overall", the run's median
+    # ratio), whose steps the tests are then judged net of (`net_of_run_steps`).
     # The median stands for the fleet only where a run holds many tests: of two tests, one
     # that drifts would drag the other the opposite way. Smaller runs keep plain levels.
     by_run = (relative / speed).groupby([metric, run])
@@ -215,7 +217,8 @@ def run_series(series: pd.DataFrame) -> pd.DataFrame:
     """Each per-test metric's run level (the median over a run's tests of their ratio to
     their own median, at their node's speed) as one overall series, a point per run. Tests
     are judged relative to their run, so a change that moves every test alike (a slower
-    compiler) is seen here and only here. `judged` is the level net of the fleet's load."""
+    compiler) is seen here first, and the tests are judged net of this series' steps
+    (`net_of_run_steps`). `judged` is the level net of the fleet's load."""
     tests = series[(series["scope"] == "test")]
     if "run_factor" not in tests or tests.empty:
         return series.iloc[:0]
@@ -243,22 +246,68 @@ def run_series(series: pd.DataFrame) -> pd.DataFrame:
     return runs.drop(columns=["load_hour", "fleet_load"]).assign(judged=judged)
 
 
-def series_change_points(series: pd.DataFrame, *,
+def net_of_run_steps(series: pd.DataFrame, changes: pd.DataFrame) -> pd.DataFrame:
+    """`series` with each per-test metric's tests judged against their run net of the steps
+    that metric's run series took (`changes`: confirmed changes, of which the run series'
+    steps count).
+
+    A run's median stands for the load its tests share, and a test is judged against it.
+    A step in the run series that the fleet's load does not explain is a change most tests
+    made at once: one commit slowing 15 of 20 tests by 15% moves the median by as much, and
+    judged against it the slowed tests would look unchanged and the others 13% faster. So
+    each run's factor is taken relative to the median factor of its runs between two such
+    steps: load still cancels, the step does not."""
+    steps = changes[(changes["scope"] == "overall") & (changes["shape"] == "step")] \
+        if len(changes) else changes
+    if steps.empty or "run_factor" not in series:
+        return series
+    scale = np.ones(len(series))
+    tests = (series["scope"] == "test").to_numpy() & series["run_factor"].notna().to_numpy()
+    for metric, metric_steps in steps.groupby("metric_name", observed=True):
+        rows = np.flatnonzero(tests & (series["metric_name"] == metric).to_numpy())
+        if not len(rows):
+            continue  # a per-run metric's own change
+        runs = series.iloc[rows]
+        run_start = runs.groupby("test_run_id", observed=True)["timestamp"].transform("min").to_numpy()
+        bounds = np.sort(metric_steps["timestamp"].to_numpy())
+        segment = np.searchsorted(bounds, run_start, side="right")
+        # the median over runs, not over tests: each run counts once
+        first = ~runs["test_run_id"].duplicated().to_numpy()
+        level = pd.Series(runs["run_factor"].to_numpy()[first]).groupby(segment[first]).median()
+        scale[rows] = level.reindex(segment).to_numpy()
+    return series.assign(shift_level=series["shift_level"] * scale)
+
+
+def series_change_points(series: pd.DataFrame, *, metrics: Collection[str] | None = None,
                          settings: DetectorSettings = DEFAULT_SETTINGS,
                          workers: int = 1) -> pd.DataFrame:
-    """Confirmed change points of every series, with the first run, job and commit after each.
+    """Confirmed change points of every series (of `metrics` only, when given; the other
+    rows still serve, as the load the run series are judged net of), with the first run,
+    job and commit after each.
 
     Per-test metrics are also judged as one series of their run levels (`run_series`).
     `workers` > 1 detects the series in that many processes when they hold at least
     parallel.MIN_POINTS points (fewer are not worth the processes); the result is the
     same either way."""
+    runs = run_series(series)
+    if metrics is not None:
+        series, runs = (frame[frame["metric_name"].isin(metrics)] for frame in (series, runs))
+    # the run series first: a step in them that the fleet's load does not explain is a
+    # change most tests made, which the tests are then judged net of (net_of_run_steps)
+    series = net_of_run_steps(series, _changes_of(runs, settings, workers))
+    return _changes_of(pd.concat([series.assign(judged=_judged(series)), runs], ignore_index=True),
+                       settings, workers)
+
+
+def _changes_of(series: pd.DataFrame, settings: DetectorSettings, workers: int) -> pd.DataFrame:
+    """Confirmed change points of every series in `series` (rows with `judged`)."""
     rows = []
     keys = ["scope", "metric_name", "test_name", "node_id"]
     needed = [*keys, "timestamp", "judged", "direction", "metric_scope", "run_shape", "test_run_id",
               "ci_job_id", "commit_sha"]
-    series = pd.concat([frame[[c for c in needed if c in frame]]
-                        for frame in (series.assign(judged=_judged(series)), run_series(series))],
-                       ignore_index=True)
+    if series.empty:
+        return pd.DataFrame(rows, columns=CHANGE_COLUMNS)
+    series = series[[c for c in needed if c in series]]
     # One sort into (series, time) order and slices of plain arrays: a pandas group, sort
     # and column lookup per series cost more than most series' detection.
     group = series.groupby(keys, dropna=False, sort=True).ngroup().to_numpy()
@@ -335,6 +384,12 @@ def _boundary_costs(members: pd.DataFrame, rows: tuple[pd.DataFrame, dict], reac
     empty = np.array([], dtype=int)
     frames = [tests.iloc[positions.get((metric, test), empty)].sort_values("timestamp")
               for metric, test in zip(members["metric_name"], members["test_name"])]
+    return _joint_costs(frames, members, reach)
+
+
+def _joint_costs(frames: list[pd.DataFrame], members: pd.DataFrame, reach: int
+                 ) -> tuple[pd.DataFrame, pd.Series, float]:
+    """`_boundary_costs` of the member series' points, each series a frame in time order."""
     times = sorted(set().union(*[set(f["timestamp"]) for f in frames]))
     first = members["timestamp"].min() - pd.Timedelta(hours=reach)
     last = members["timestamp"].max() + pd.Timedelta(hours=reach)
@@ -376,7 +431,18 @@ def plausible_start(members: pd.DataFrame, series: pd.DataFrame, *, reach: int =
     """The earliest and latest first run of a code change that the data cannot tell apart
     from the best one (joint cost within PLAUSIBLE_COST mean absolute deviations). `rows`:
     `test_rows(series)`, when the caller has it."""
-    _, costs, spread = _boundary_costs(members, rows or test_rows(series), reach)
+    return _plausible(*_boundary_costs(members, rows or test_rows(series), reach)[1:], members)
+
+
+def plausible_start_of_series(members: pd.DataFrame, points: pd.DataFrame, *, reach: int = 6
+                              ) -> tuple[pd.Timestamp, pd.Timestamp]:
+    """`plausible_start` of a change in one series of any scope (a CI metric's), whose
+    points are `points`."""
+    return _plausible(*_joint_costs([points.sort_values("timestamp")], members, reach)[1:], members)
+
+
+def _plausible(costs: pd.Series, spread: float, members: pd.DataFrame
+               ) -> tuple[pd.Timestamp, pd.Timestamp]:
     finite = costs[np.isfinite(costs)]
     if finite.empty:
         at = members["timestamp"].min()
@@ -421,6 +487,7 @@ def group_incidents(changes: pd.DataFrame, series: pd.DataFrame | None = None, *
     changes["incident_id"] = pd.Series(dtype=object)
     incidents = []
     # the per-test rows once, not a scan of every row per incident (common_run uses no others)
+    series = net_of_run_steps(series, changes) if series is not None else None
     rows = test_rows(series) if series is not None else None
 
     def add(members: pd.DataFrame, attribution: str) -> None:

@@ -223,8 +223,7 @@ def detect_metric_changes(config: ChangePointConfig, metric_points: tuple) -> tu
         raise dg.Failure("change_points config: detection_workers must be >= 0")
     window, metrics, points = metric_points
     series = build_series(points)
-    return window, series_change_points(series[series["metric_name"].isin(metrics)],
-                                        settings=_detector_settings(config),
+    return window, series_change_points(series, metrics=metrics, settings=_detector_settings(config),
                                         workers=config.detection_workers or cores())
 
 

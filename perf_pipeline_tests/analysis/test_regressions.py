@@ -16,11 +16,12 @@ RUNS_PER_DAY, DAYS, NODES, TESTS = 12, 30, 8, 30
 
 
 def _fleet(seed: int, *, slowdown_at: int | None = None, slowed: int = TESTS, retries: bool = False,
-           commits: bool = True) -> pd.DataFrame:
+           commits: bool = True, build_step_at: int | None = None) -> pd.DataFrame:
     """Normalized points of a fleet whose test durations follow their node's CPU, which
     follows the fleet's daily and weekly load cycle (as in the simulator): nothing changes
     unless the first `slowed` tests (all by default) slow by 25% from run `slowdown_at`.
-    Each run records its commit unless `commits` is false."""
+    Each run records its commit unless `commits` is false; with `build_step_at`, each run
+    also reports a build time, which grows by 30% from that run."""
     rng = np.random.default_rng(seed)
     hours = DAYS * 24
     hour_times = START + pd.to_timedelta(np.arange(hours) + 0.5, unit="h")
@@ -50,6 +51,12 @@ def _fleet(seed: int, *, slowdown_at: int | None = None, slowed: int = TESTS, re
                   "commit_sha": f"c{r:04d}" if commits else None,
                   "metric_scope": "test", "direction": "lower_is_better"}
                  for r in range(n_runs) for t in range(TESTS)]
+    if build_step_at is not None:
+        build = 300 * np.exp(rng.normal(0, 0.02, n_runs)) * np.where(np.arange(n_runs) >= build_step_at, 1.3, 1)
+        rows += [{"timestamp": run_times[r], "metric_name": "build_time", "test_name": None,
+                  "node_id": nodes[assignment[r, 0]], "value": build[r], "test_run_id": f"run-{r:04d}",
+                  "ci_job_id": f"job-{r:04d}", "commit_sha": f"c{r:04d}" if commits else None,
+                  "metric_scope": "run", "direction": "lower_is_better"} for r in range(n_runs)]
     return pd.DataFrame(rows)
 
 
@@ -78,17 +85,35 @@ def test_a_slowdown_of_every_test_is_found_in_the_run_series():
 
 
 
-def _commit_cause(points: pd.DataFrame):
-    """The commit cause of the code-change incident that most series share."""
+def test_a_change_most_tests_share_is_found_in_those_tests_and_the_others_stay_quiet():
+    """22 of 30 tests slow by 25% at one run: the run's median moves with them, and judged
+    against it the slowed tests would look unchanged and the other 8 faster."""
+    series = build_series(_fleet(2, slowdown_at=200, slowed=22))
+    changes, incidents = group_incidents(series_change_points(series), series)
+    tests = changes[(changes["scope"] == "test") & (changes["metric_name"] == "test_execution_time")]
+    assert (tests["kind"] == "regression").all(), tests[["test_name", "kind", "magnitude_percent"]]
+    assert set(tests["test_name"]) <= {f"test_{t:02d}" for t in range(22)}
+    assert len(tests) >= 20
+    (incident,) = incidents[incidents["attribution"] == "code_change"].itertuples(index=False)
+    assert abs(int(incident.first_test_run_id[-4:]) - 200) <= 1
+    assert tests["magnitude_percent"].between(15, 35).all()
+
+
+def _commit_cause(points: pd.DataFrame, attribution: str = "code_change"):
+    """The commit cause of the code-change incident that most series share (or of the one
+    incident of `attribution`)."""
     series = build_series(points)
     changes, incidents = group_incidents(series_change_points(series), series)
     contexts = pd.DataFrame(columns=["test_run_id", "node_id", "field", "value"])
     correlations = pd.DataFrame(columns=["metric_a", "metric_b", "pearson_r", "flagged"])
     causes = suspected_causes(incidents, changes, series, contexts, correlations)
     assert list(causes.columns) == CAUSE_COLUMNS
-    largest = incidents.loc[incidents["series"].idxmax()]
-    assert largest["attribution"] == "code_change" and largest["series"] >= 3
-    (cause,) = causes[(causes["incident_id"] == largest["incident_id"])
+    if attribution == "code_change":
+        chosen = incidents.loc[incidents["series"].idxmax()]
+        assert chosen["attribution"] == "code_change" and chosen["series"] >= 3
+    else:
+        (chosen,) = (row for _, row in incidents[incidents["attribution"] == attribution].iterrows())
+    (cause,) = causes[(causes["incident_id"] == chosen["incident_id"])
                       & (causes["cause_type"] == "commit")].itertuples(index=False)
     return cause
 
@@ -100,6 +125,32 @@ def test_a_code_change_names_the_commits_to_bisect_or_the_runs_where_none_was_re
     without = _commit_cause(_fleet(2, slowdown_at=200, slowed=5, commits=False))
     assert without.cause == f"runs run-{good:04d}..run-{last:04d}"
     assert "?" not in without.cause + without.evidence and "context_data.commit" in without.evidence
+
+
+def test_a_drift_that_opens_the_window_has_no_commit_range_made_up_for_it():
+    """A test whose duration grows by half over the window, steadily: a ramp from the
+    window's start has no first run, so there is nothing to bisect."""
+    points = _fleet(2)
+    drifting = (points["test_name"] == "test_00").to_numpy()
+    runs = points.loc[drifting, "test_run_id"].str[-4:].astype(int).to_numpy()
+    points.loc[drifting, "value"] *= 1 + 0.5 * runs / runs.max()
+    series = build_series(points)
+    changes, incidents = group_incidents(series_change_points(series), series)
+    (change,) = changes[changes["test_name"] == "test_00"].itertuples(index=False)
+    assert change.shape == "ramp" and change.kind == "regression"
+    contexts = pd.DataFrame(columns=["test_run_id", "node_id", "field", "value"])
+    correlations = pd.DataFrame(columns=["metric_a", "metric_b", "pearson_r", "flagged"])
+    causes = suspected_causes(incidents, changes, series, contexts, correlations)
+    mine = causes[causes["incident_id"] == change.incident_id]
+    assert list(mine["cause_type"]) == ["gradual"], mine
+    assert mine["cause"].iloc[0] == f"a ramp since {START:%Y-%m-%d} or before"
+
+
+def test_a_ci_metric_that_changed_names_the_commits_to_bisect_too():
+    cause = _commit_cause(_fleet(2, build_step_at=150), attribution="ci_metric")
+    good, last = (int(c[1:]) for c in cause.cause.split(".."))
+    assert good < 150 <= last and last - good <= 3
+    assert cause.score == 1.0 and "of 8 nodes that reported it" in cause.evidence
 
 def _change(test: str, run: int, kind: str, magnitude: float) -> dict:
     return {"scope": "test", "metric_name": "test_execution_time", "test_name": test, "node_id": None,

@@ -178,10 +178,13 @@ def _fold_ci_metrics(candidates: list[dict]) -> list[dict]:
 
 
 def _trend_candidates(trends: pd.DataFrame, covered_nodes: set[str], covered_metrics: set[str],
-                      settings: MonitoringSettings, now: datetime) -> list[dict]:
-    """Trends no change alert explains: not on a node with a node-problem alert, and not a
+                      settings: MonitoringSettings, now: datetime, *,
+                      fleet_changed: set[str] = frozenset()) -> list[dict]:
+    """Trends no change alert explains: not on a node with a node-problem alert, not a
     fleet or test trend of a metric a code change moved (daily medians see the step as a
-    trend)."""
+    trend), not a fleet trend of a metric whose fleet series has a change alert
+    (`fleet_changed`), and not a test's or node's trend that the fleet's own trend of the
+    metric explains (`_fleet_explained`)."""
     if trends.empty:
         return []
     worse = trends[trends["is_significant"] & (trends["trend_direction"] == "degrading")]
@@ -190,6 +193,10 @@ def _trend_candidates(trends: pd.DataFrame, covered_nodes: set[str], covered_met
     worse = worse[worse["metric_name"].map(settings.tracks).astype(bool)
                   & (worse["change_over_window_percent"].abs()
                      >= worse["metric_name"].map(settings.threshold_percent).astype(float))]
+    explained = _fleet_explained(worse, settings)
+    alike = {metric: group["scope"].value_counts().to_dict()
+             for metric, group in worse[explained].groupby("metric_name", observed=True)}
+    worse = worse[~explained & ~((worse["scope"] == "overall") & worse["metric_name"].isin(fleet_changed))]
     out = []
     for (scope, test, node), group in worse.groupby(["scope", "test_name", "node_id"], dropna=False):
         node = node if isinstance(node, str) else None
@@ -208,6 +215,10 @@ def _trend_candidates(trends: pd.DataFrame, covered_nodes: set[str], covered_met
         half = worst.window_mean * worst.change_over_window_percent / 200
         others = sorted(set(group["metric_name"]) - {worst.metric_name})
         also = f" (also {', '.join(others)})" if others else ""
+        if scope == "overall" and worst.metric_name in alike:
+            moved = alike[worst.metric_name]
+            also += " (" + " and ".join(f"{moved[s]} {s}{'s' if moved[s] > 1 else ''}"
+                                        for s in ("test", "node") if s in moved) + " alike)"
         out.append({
             "incident_id": f"trend:{scope}:{test or ''}:{node or ''}", "attribution": "trend",
             "metric_name": worst.metric_name, "unit": metric.unit if worst.unit != "ratio" else "ratio",
@@ -226,6 +237,20 @@ def _trend_candidates(trends: pd.DataFrame, covered_nodes: set[str], covered_met
                      f"{_where(tests, node) if (tests or node) else 'the fleet'}{also}",
         })
     return out
+
+
+def _fleet_explained(worse: pd.DataFrame, settings: MonitoringSettings) -> pd.Series:
+    """The test and node trends that the fleet's own trend of their metric explains: what
+    is left of them after the fleet's change over the window is under the metric's alert
+    threshold. When the whole fleet drifts, every test and node drifts with it, and one
+    alert says so instead of one per test and node; a test drifting well beyond the fleet
+    keeps its own."""
+    fleet = worse[worse["scope"] == "overall"].groupby("metric_name", observed=True)[
+        "change_over_window_percent"].first()
+    fleet_change = worse["metric_name"].map(fleet).astype(float)
+    left = (worse["change_over_window_percent"] - fleet_change).abs()
+    return ((worse["scope"] != "overall") & fleet_change.notna()
+            & (left < worse["metric_name"].map(settings.threshold_percent).astype(float)))
 
 
 def _same_finding(alert: dict, candidate: dict) -> bool:
@@ -278,7 +303,8 @@ def reconcile(outbox: pd.DataFrame, *, incidents: pd.DataFrame, changes: pd.Data
             _change_candidates(regressions, changes, causes, settings, now))))
         nodes = {c["node_id"] for c in candidates if c["attribution"] == "node_problem"}
         metrics = {c["metric_name"] for c in candidates if c["attribution"] == "code_change"}
-        candidates += _trend_candidates(trends, nodes, metrics, settings, now)
+        fleet = {c["metric_name"] for c in candidates if c["attribution"] == "ci_metric"}
+        candidates += _trend_candidates(trends, nodes, metrics, settings, now, fleet_changed=fleet)
     matched_ids = set()
     for candidate in candidates:
         match = next((a for a in alerts if a["status"] != "resolved" and _same_finding(a, candidate)), None)

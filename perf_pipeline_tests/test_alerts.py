@@ -177,6 +177,30 @@ def test_a_node_sick_in_several_metrics_and_the_trend_of_a_code_change_are_one_a
     assert len(later) == 2 and set(later.alert_id) == set(outbox.alert_id)
 
 
+def _trend(scope, change, *, test=None, node=None, metric="test_execution_time"):
+    return {"scope": scope, "metric_name": metric, "test_name": test, "node_id": node,
+            "is_significant": True, "trend_direction": "degrading", "change_over_window_percent": change,
+            "change_rate_percent": change / 4, "window_mean": 1.0, "window_start": T0, "n_days": 30,
+            "p_value_adjusted": 1e-6, "unit": "ratio"}
+
+
+def test_a_fleet_that_drifts_is_one_alert_and_a_test_drifting_beyond_it_another():
+    trends = pd.DataFrame([_trend("overall", 26.0),
+                           *[_trend("test", 25.0 + t % 3, test=f"t{t}") for t in range(5)],
+                           *[_trend("node", 24.0 + n, node=f"n{n}") for n in range(3)],
+                           _trend("test", 60.0, test="beyond")])
+    outbox, _ = _reconcile(EMPTY, [], [], trends=trends)
+    assert sorted(outbox.title) == [
+        "test_execution_time trending +26% on the fleet (5 tests and 3 nodes alike)",
+        "test_execution_time trending +60% on beyond"]
+    # the fleet's run series saw the drift as a ramp and alerted it: that alert stands for it
+    ramp = {**_change(None, scope="overall", incident="c1"), "shape": "ramp",
+            "end_timestamp": T0 + pd.Timedelta(days=20)}
+    with_ramp, _ = _reconcile(EMPTY, [_incident("c1", attribution="ci_metric")], [ramp], trends=trends)
+    assert sorted(with_ramp.attribution) == ["ci_metric", "trend"]
+    assert list(with_ramp[with_ramp.attribution == "trend"].tests) == [["beyond"]]
+
+
 def test_a_ramp_is_titled_as_one_with_how_long_it_lasted():
     ramp = {**_change("a"), "shape": "ramp", "end_timestamp": T0 + pd.Timedelta(days=6, hours=12)}
     outbox, _ = _reconcile(EMPTY, [_incident()], [ramp])

@@ -191,14 +191,14 @@ def _commit_cause(points: pd.DataFrame, members: pd.DataFrame, index: _SeriesInd
                          f"changed run lies in that range; {spread}")}
 
 
-def _gradual_cause(points: pd.DataFrame, members: pd.DataFrame) -> dict | None:
-    """A change that is a ramp the window opens with: it began at or before the window's
-    start, so no run or commit can be named where it began."""
-    if members.empty or not (members["shape"] == "ramp").all() or points.empty:
+def _gradual_cause(stamps: pd.Series, members: pd.DataFrame) -> dict | None:
+    """A change that is a ramp the window opens with (`stamps`: the times of its series'
+    points): it began at or before the window's start, so no run or commit can be named
+    where it began."""
+    if members.empty or not (members["shape"] == "ramp").all() or stamps.empty:
         return None
     start = members["timestamp"].min()
-    stamps = points["timestamp"]
-    if (stamps < start).sum() >= _OPENING_SHARE * len(points):
+    if (stamps < start).sum() >= _OPENING_SHARE * len(stamps):
         return None
     end = members["end_timestamp"].max()
     until = f" until {pd.Timestamp(end):%Y-%m-%d %H:%M}" if pd.notna(end) else ""
@@ -286,18 +286,22 @@ def suspected_causes(incidents: pd.DataFrame, changes: pd.DataFrame, series: pd.
         magnitude = float(incident.worst_magnitude_percent) if pd.notna(incident.worst_magnitude_percent) else 0.0
         points = index.points(incident, members)
         causes = _context_causes(points, at, contexts)
-        # a ramp the window opens with instead of a commit range, which would be made up
-        gradual = _gradual_cause(points, members) if incident.attribution != "node_problem" else None
+        # a ramp the window opens with instead of a commit range, which would be made up (a
+        # per-test metric's run series is not among the points: its tests' times serve)
+        stamps = points["timestamp"] if len(points) else \
+            index.tests.loc[index.tests["metric_name"].isin(incident.metrics), "timestamp"]
+        gradual = _gradual_cause(stamps, members) if incident.attribution != "node_problem" else None
         if incident.attribution == "code_change":
             node_spread = _spread(points, at, "run_node_id", magnitude)
             causes += [gradual or _commit_cause(points, members, index, node_spread),
                        _single_node_cause(node_spread)]
         elif incident.attribution == "node_problem":
             causes.append(_node_problem_cause(incident, index.tests, at, magnitude))
+        elif gradual is not None:
+            causes.append(gradual)
         elif len(points):  # a CI metric: its runs' commits, as for a code change
-            causes.append(gradual or _commit_cause(points, members, index,
-                                                   _spread(points, at, "run_node_id", magnitude),
-                                                   per_test=False))
+            causes.append(_commit_cause(points, members, index,
+                                        _spread(points, at, "run_node_id", magnitude), per_test=False))
         causes += _co_moving(incident, members, changes, correlations)
         ranked = sorted((c for c in causes if c is not None), key=lambda c: -c["score"])[:_MAX_CAUSES]
         rows += [{"incident_id": incident.incident_id, "rank": rank, **cause}

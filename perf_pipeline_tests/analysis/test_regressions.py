@@ -3,6 +3,7 @@ is not a change, kinds stay apart, rare-event counts are judged as counts."""
 
 import numpy as np
 import pandas as pd
+import pytest
 
 from perf_pipeline import parallel
 from perf_pipeline.analysis import regressions
@@ -127,16 +128,19 @@ def test_a_code_change_names_the_commits_to_bisect_or_the_runs_where_none_was_re
     assert "?" not in without.cause + without.evidence and "context_data.commit" in without.evidence
 
 
-def test_a_drift_that_opens_the_window_has_no_commit_range_made_up_for_it():
-    """A test whose duration grows by half over the window, steadily: a ramp from the
-    window's start has no first run, so there is nothing to bisect."""
+@pytest.mark.parametrize("drifting", [["test_00"], [f"test_{t:02d}" for t in range(TESTS)]])
+def test_a_drift_that_opens_the_window_has_no_commit_range_made_up_for_it(drifting):
+    """One test, or every test (seen in the run series), whose duration grows by half over
+    the window, steadily: a ramp from the window's start has no first run, so there is
+    nothing to bisect."""
     points = _fleet(2)
-    drifting = (points["test_name"] == "test_00").to_numpy()
-    runs = points.loc[drifting, "test_run_id"].str[-4:].astype(int).to_numpy()
-    points.loc[drifting, "value"] *= 1 + 0.5 * runs / runs.max()
+    rows = points["test_name"].isin(drifting).to_numpy()
+    runs = points.loc[rows, "test_run_id"].str[-4:].astype(int).to_numpy()
+    points.loc[rows, "value"] *= 1 + 0.5 * runs / runs.max()
     series = build_series(points)
     changes, incidents = group_incidents(series_change_points(series), series)
-    (change,) = changes[changes["test_name"] == "test_00"].itertuples(index=False)
+    where = (changes["test_name"] == drifting[0]) if len(drifting) == 1 else (changes["scope"] == "overall")
+    (change,) = changes[where].itertuples(index=False)
     assert change.shape == "ramp" and change.kind == "regression"
     contexts = pd.DataFrame(columns=["test_run_id", "node_id", "field", "value"])
     correlations = pd.DataFrame(columns=["metric_a", "metric_b", "pearson_r", "flagged"])

@@ -28,6 +28,7 @@ marked as a possible repeat (see `deliver_outbox`).
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Collection
 from datetime import datetime, timedelta
 
 import numpy as np
@@ -179,7 +180,7 @@ def _fold_ci_metrics(candidates: list[dict]) -> list[dict]:
 
 def _trend_candidates(trends: pd.DataFrame, covered_nodes: set[str], covered_metrics: set[str],
                       settings: MonitoringSettings, now: datetime, *,
-                      fleet_changed: set[str] = frozenset()) -> list[dict]:
+                      fleet_changed: Collection[str] = ()) -> list[dict]:
     """Trends no change alert explains: not on a node with a node-problem alert, not a
     fleet or test trend of a metric a code change moved (daily medians see the step as a
     trend), not a fleet trend of a metric whose fleet series has a change alert

@@ -294,9 +294,13 @@ def series_change_points(series: pd.DataFrame, *, metrics: Collection[str] | Non
         series, runs = (frame[frame["metric_name"].isin(metrics)] for frame in (series, runs))
     # the run series first: a step in them that the fleet's load does not explain is a
     # change most tests made, which the tests are then judged net of (net_of_run_steps)
-    series = net_of_run_steps(series, _changes_of(runs, settings, workers))
-    return _changes_of(pd.concat([series.assign(judged=_judged(series)), runs], ignore_index=True),
-                       settings, workers)
+    run_changes = _changes_of(runs, settings, workers)
+    series = net_of_run_steps(series, run_changes)
+    changes = _changes_of(series.assign(judged=_judged(series)), settings, workers)
+    # in series order, as one detection over all series gives them
+    return pd.concat([frame for frame in (changes, run_changes) if len(frame)] or [changes],
+                     ignore_index=True).sort_values(["scope", "metric_name", "test_name", "node_id"],
+                                                    na_position="last", kind="stable", ignore_index=True)
 
 
 def _changes_of(series: pd.DataFrame, settings: DetectorSettings, workers: int) -> pd.DataFrame:

@@ -83,24 +83,87 @@ def build_series(points: pd.DataFrame) -> pd.DataFrame:
     by_run = (relative / speed).groupby([metric, run])
     run_speed = by_run.transform("median").where(by_run.transform("count") >= MIN_RUN_TESTS)
     node_level = relative / run_level.where(run_level > 0).fillna(1.0)
+    # A run on one node has no other node to judge that node against: such runs are judged
+    # against the runs on other nodes around them instead, a point per run
+    # (`_single_node_runs`); their points leave the node's series of ratios to the run.
+    alone, lone_runs = _single_node_runs(per_test, relative / speed, metric, node, run, points)
     # the window's series are the largest frame an analysis holds: the intermediates go
     # before the parts are built and concatenated (at L, 0.5 GB of the peak)
     del metric, test, node, run, base, relative, node_speed, run_level, by_run
     per_node = points[points["metric_scope"] == "node"]
     per_run = points[points["metric_scope"] == "run"]
+    in_runs = per_test[~alone]
     frames = [
         per_test.assign(scope=_same(SCOPES, "test", per_test), node_id=_missing(points["node_id"], per_test),
                         level=per_test["value"] / speed, run_factor=run_speed,
                         shift_level=per_test["value"] / speed / run_speed.where(run_speed > 0).fillna(1.0)),
-        per_test.assign(scope=_same(SCOPES, "node", per_test), test_name=_missing(points["test_name"], per_test),
-                        level=node_level,
-                        shift_level=node_level / _load_factor(per_test, node_level, points))
+        in_runs.assign(scope=_same(SCOPES, "node", in_runs), test_name=_missing(points["test_name"], in_runs),
+                       level=node_level[~alone],
+                       shift_level=node_level[~alone] / _load_factor(in_runs, node_level[~alone], points))
         .dropna(subset=["level"]),
+        lone_runs,
         per_node.assign(scope=_same(SCOPES, "node", per_node), level=per_node["value"]),
         per_run.assign(scope=_same(SCOPES, "overall", per_run), test_name=_missing(points["test_name"], per_run),
                        node_id=_missing(points["node_id"], per_run), level=per_run["value"]),
     ]
     return pd.concat(frames, ignore_index=True)
+
+
+# A run on one node is judged against this many runs either side of it (in time order, the
+# node's own runs left out): enough that one odd run does not set the reference, few enough
+# that the reference stays near the run's time.
+NEIGHBOUR_RUNS = 4
+
+
+def _single_node_runs(per_test: pd.DataFrame, ratio: pd.Series, metric: pd.Series, node: pd.Series,
+                      run: pd.Series, points: pd.DataFrame) -> tuple[np.ndarray, pd.DataFrame]:
+    """(which per-test points ran in a run on one node, the node series' point of each such
+    run).
+
+    A node is judged against the other nodes of the same run, and a run on one node (a CI
+    job on one runner) has none: its median cancels the node's slowdown. Such a run is
+    judged instead against the runs on other nodes around it: its level (the median of its
+    tests' `ratio`s, their ratios to their own median at the node's usual speed) net of
+    its node's load at the time (the load cycle the fleet shares, and the node's own), over
+    the median of the NEIGHBOUR_RUNS runs either side on other nodes, net of theirs. A code
+    change moves a run and its neighbours alike and cancels, but for the few runs whose
+    neighbours straddle it: a point per run, and a node series needs a day's runs on either
+    side of a change (see `_changes_of`), keep those few from reading as a change."""
+    alone = np.zeros(len(per_test), dtype=bool)
+    if per_test.empty:
+        return alone, per_test.iloc[:0]
+    known = (run.notna() & node.notna()).to_numpy()
+    by_run = node.groupby([metric, run])
+    alone = known & (by_run.transform("min") == by_run.transform("max")).to_numpy()
+    if not alone.any():
+        return alone, per_test.iloc[:0]
+    lone = per_test[alone].assign(run_level=ratio[alone])
+    lone = lone.assign(run_level=lone["run_level"].groupby([metric[alone], run[alone]]).transform("median"))
+    # each run's earliest point stands for it (its names, its time)
+    lone = lone.sort_values("timestamp", kind="stable")
+    runs = lone[~pd.DataFrame({"m": metric[lone.index], "r": run[lone.index]}).duplicated().to_numpy()]
+    level = runs["run_level"].where(runs["run_level"] > 0)
+    # against the node's absolute load: the neighbours ran at other hours of the day
+    net = np.log(level / _load_factor(runs, level, points, against_fleet=False)).to_numpy()
+    nodes = pd.factorize(runs["node_id"])[0]
+    reference = np.full(len(runs), np.nan)
+    width = 2 * NEIGHBOUR_RUNS + 1
+    for positions in runs.groupby("metric_name", observed=True, sort=False).indices.values():
+        if len(positions) < width:
+            continue
+        values = np.lib.stride_tricks.sliding_window_view(
+            np.pad(net[positions], NEIGHBOUR_RUNS, constant_values=np.nan), width)
+        owners = np.lib.stride_tricks.sliding_window_view(
+            np.pad(nodes[positions], NEIGHBOUR_RUNS, constant_values=-1), width)
+        others = np.where(owners != nodes[positions][:, None], values, np.nan)
+        counted = np.isfinite(others).sum(axis=1) > 0
+        with np.errstate(all="ignore"):
+            reference[positions[counted]] = np.nanmedian(others[counted], axis=1)
+    judged = pd.Series(np.exp(net - reference), index=runs.index)
+    runs = runs.assign(scope=_same(SCOPES, "node", runs), test_name=_missing(points["test_name"], runs),
+                       value=runs["run_level"], relative=runs["run_level"], level=judged,
+                       shift_level=judged, run_shape=True)
+    return alone, runs.drop(columns=["run_level"]).dropna(subset=["level"])
 
 
 # The names of points and series: categories (integer codes into the sorted names) rather
@@ -137,10 +200,12 @@ def _codes(names: pd.Series) -> pd.Series:
     return pd.Series(np.where(codes < 0, np.nan, codes), index=names.index)
 
 
-def _load_factor(per_test: pd.DataFrame, node_level: pd.Series, points: pd.DataFrame) -> pd.Series:
+def _load_factor(per_test: pd.DataFrame, node_level: pd.Series, points: pd.DataFrame, *,
+                 against_fleet: bool = True) -> pd.Series:
     """How much each per-test point's node level owes to its node running busier or idler
-    than the fleet at that hour (its LOAD_METRIC sample against the fleet's median), as a
-    factor (1 where the node reports no load).
+    than the fleet at that hour (its LOAD_METRIC sample against the fleet's median; with
+    `against_fleet` false, its sample as it is), as a factor (1 where the node reports no
+    load).
 
     Durations follow the load of the node they ran on. The run's median cancels the load
     the fleet shares, but a node busier than its peers (a larger share of the daily and
@@ -155,7 +220,8 @@ def _load_factor(per_test: pd.DataFrame, node_level: pd.Series, points: pd.DataF
     if load.empty or per_test.empty:
         return factor
     hour = load["timestamp"].dt.floor("h")
-    load = (load.assign(excess=load["value"] - load["value"].groupby(hour).transform("median"))
+    fleet = load["value"].groupby(hour).transform("median") if against_fleet else 0.0
+    load = (load.assign(excess=load["value"] - fleet)
             [["timestamp", "node_id", "excess"]].dropna().sort_values("timestamp"))
     frame = per_test[["timestamp", "node_id", "metric_name"]].assign(
         log_level=np.log(node_level.where(node_level > 0)), row=per_test.index)

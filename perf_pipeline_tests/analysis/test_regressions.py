@@ -17,12 +17,16 @@ RUNS_PER_DAY, DAYS, NODES, TESTS = 12, 30, 8, 30
 
 
 def _fleet(seed: int, *, slowdown_at: int | None = None, slowed: int = TESTS, retries: bool = False,
-           commits: bool = True, build_step_at: int | None = None) -> pd.DataFrame:
+           commits: bool = True, build_step_at: int | None = None, one_node_runs: bool = False,
+           node_slowdown_at: int | None = None) -> pd.DataFrame:
     """Normalized points of a fleet whose test durations follow their node's CPU, which
     follows the fleet's daily and weekly load cycle (as in the simulator): nothing changes
     unless the first `slowed` tests (all by default) slow by 25% from run `slowdown_at`.
     Each run records its commit unless `commits` is false; with `build_step_at`, each run
-    also reports a build time, which grows by 30% from that run."""
+    also reports a build time, which grows by 30% from that run. A run's tests spread over
+    the nodes, or with `one_node_runs` all run on one node (run r on node r % NODES, as a
+    CI job takes one runner); with `node_slowdown_at`, node-03 runs every test 30% slower
+    from that run on."""
     rng = np.random.default_rng(seed)
     hours = DAYS * 24
     hour_times = START + pd.to_timedelta(np.arange(hours) + 0.5, unit="h")
@@ -37,11 +41,15 @@ def _fleet(seed: int, *, slowdown_at: int | None = None, slowed: int = TESTS, re
     run_times = START + pd.to_timedelta((np.arange(n_runs) + 0.5) / RUNS_PER_DAY, unit="D")
     base = rng.lognormal(0, 0.6, TESTS)
     assignment = rng.integers(0, NODES, (n_runs, TESTS))
+    if one_node_runs:
+        assignment = np.repeat((np.arange(n_runs) % NODES)[:, None], TESTS, axis=1)
     run_hour = ((run_times - START) / pd.Timedelta(hours=1)).astype(int).to_numpy()
     duration = (base[None, :] * (1 + LOAD_SENSITIVITY * (cpu[assignment, run_hour[:, None]] - 45))
                 * np.exp(rng.normal(0, 0.08, (n_runs, TESTS))))
     if slowdown_at is not None:
         duration[slowdown_at:, :slowed] *= 1.25
+    if node_slowdown_at is not None:
+        duration[node_slowdown_at:] *= np.where(assignment[node_slowdown_at:] == 3, 1.3, 1.0)
     metrics = {"test_execution_time": duration}
     if retries:
         metrics["test_retry_count"] = rng.poisson(0.02, (n_runs, TESTS)).astype(float)
@@ -84,6 +92,33 @@ def test_a_slowdown_of_every_test_is_found_in_the_run_series():
     assert overall["kind"].iloc[0] == "regression"
     assert abs(int(overall["first_test_run_id"].iloc[0][-4:]) - 200) <= 1
 
+
+
+@pytest.mark.parametrize("load_reported", [True, False])
+def test_a_node_that_turns_slow_is_found_where_each_run_executes_on_one_node(load_reported):
+    """A CI job takes one runner: its run's median is that node's, and judged against it the
+    node's slowdown cancels. Such runs are judged against the runs on other nodes around
+    them, net of each node's load where the nodes report it."""
+    def points(**change) -> pd.DataFrame:
+        fleet = _fleet(2, one_node_runs=True, retries=True, **change)
+        return fleet if load_reported else fleet[fleet["metric_name"] != "cpu_usage"]
+
+    series = build_series(points(node_slowdown_at=200))
+    changes, incidents = group_incidents(series_change_points(series), series)
+    assert changes[["scope", "node_id"]].astype(object).values.tolist() == [["node", "node-03"]]
+    # node-03 runs every eighth run: run 203 is its first slow one
+    assert changes["first_test_run_id"].iloc[0] in {"run-0203", "run-0211"}
+    assert changes["magnitude_percent"].iloc[0] == pytest.approx(30, abs=8)
+    assert incidents["attribution"].tolist() == ["node_problem"]
+    contexts = pd.DataFrame(columns=["test_run_id", "node_id", "field", "value"])
+    correlations = pd.DataFrame(columns=["metric_a", "metric_b", "pearson_r", "flagged"])
+    causes = suspected_causes(incidents, changes, series, contexts, correlations)
+    assert causes.iloc[0][["cause_type", "cause"]].tolist() == ["node", "node-03"]
+    # the fleet's daily load cycle and a change every test made are no node's problem
+    assert series_change_points(build_series(points())).empty
+    code = series_change_points(build_series(points(slowdown_at=200)))
+    assert not (code["scope"] == "node").any(), code[["scope", "node_id", "first_test_run_id"]]
+    assert (code["scope"] == "test").sum() == TESTS
 
 
 def test_a_change_most_tests_share_is_found_in_those_tests_and_the_others_stay_quiet():

@@ -480,6 +480,33 @@ def test_a_quiet_ci_metric_that_jumps_raises_its_alert_on_a_fleet_without_tests(
     assert alert.first_test_run_id == "build-090" and 45 < alert.magnitude_percent < 55
 
 
+def test_a_runner_that_turns_slow_is_alerted_where_each_ci_job_runs_on_one_runner(paths, tmp_path):
+    """A fleet the simulator never makes: every CI job runs all its tests on one runner (job
+    r on runner r % 6), and runner-3 turns 30% slower from job 160. Judged against the
+    other nodes of the same job, a runner has none, and this once raised nothing. Exactly
+    that alert now, on that runner, from its first slow job, with the runner as the cause."""
+    from perf_pipeline_tests.conftest import write_jsonl
+
+    rng = np.random.default_rng(5)
+    start = pd.Timestamp("2026-10-31")
+    base = np.exp(rng.uniform(np.log(0.5), np.log(20), 12))
+    rows = [{"timestamp": (start + pd.Timedelta(hours=2 * r, seconds=5 * t)).isoformat(),
+             "metric_name": "test_execution_time", "node_id": f"runner-{r % 6}",
+             "test_name": f"tests/test_api.py::test_{t}", "test_run_id": f"job-{r:04d}",
+             "context_data": {"commit": f"c{r // 10:04d}"},
+             "metric_value": float(base[t] * (1.3 if r >= 160 and r % 6 == 3 else 1.0)
+                                   * np.exp(rng.normal(0, 0.03)))}
+            for r in range(240) for t in range(12)]
+    ingest_files([write_jsonl(tmp_path / "fleet.jsonl", rows)], paths.landing, today=END.date())
+    run_pipeline(paths, progress=lambda _: None)
+    with open_warehouse(paths.database, read_only=True) as wh:
+        alerts = wh.table("regression_alerts")
+    assert alerts["title"].str.contains("runner-3").tolist() == [True], alerts.title.tolist()
+    (alert,) = alerts.itertuples(index=False)
+    assert alert.first_test_run_id in {"job-0165", "job-0171"} and 22 < alert.magnitude_percent < 38
+    assert alert.suspected_cause == "node: runner-3"
+
+
 @pytest.mark.slow
 def test_a_muted_test_raises_no_alert_and_sends_nothing(tmp_path_factory, tmp_path, receiver):
     from perf_pipeline.alerts import ALERT_COLUMNS, deliver_outbox, reconcile

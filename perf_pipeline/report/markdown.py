@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Iterable, Sequence
 from datetime import datetime
 
@@ -17,7 +18,18 @@ def _cell(value: object) -> str:
     if isinstance(value, datetime):
         midnight = (value.hour, value.minute, value.second, value.microsecond) == (0, 0, 0, 0)
         return f"{value:%Y-%m-%d}" if midnight else f"{value:%Y-%m-%d %H:%M}"
-    return str(value).replace("|", "\\|").replace("\n", " ")
+    return _MARKUP.sub(r"\\\g<0>", " ".join(str(value).splitlines()))
+
+
+# What markdown (and the HTML it may carry) would read as markup in a cell, escaped with a
+# backslash, which renders as the character itself: a test named `test_io[*-<tmp>]` or
+# `test_x[a](b)` must show as its name, not as emphasis, a tag or a link; `|` would end the
+# cell and `&amp;` would show as `&`. Only where it would be markup, since the CLI prints
+# the same tables: an underscore inside a word, brackets not followed by a link's target,
+# a `<` that opens no tag and a backslash before a letter stay as they are
+# (`test_case_7[1-2]`, `C:\tmp`).
+_MARKUP = re.compile(r"[`*~|]|\\(?=[!-/:-@\[-`{-~])|(?<![A-Za-z0-9])_|_(?![A-Za-z0-9])"
+                     r"|\](?=[(\[])|<(?=[A-Za-z/!?])|&(?=#?[A-Za-z0-9]+;)")
 
 
 def markdown_table(headers: Sequence[str], rows: Iterable[Sequence[object]]) -> str:

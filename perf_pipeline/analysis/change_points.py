@@ -517,11 +517,14 @@ class _Noise:
     spread: float
 
 
-def _lag1_from_differences(x: np.ndarray, bounds: tuple[int, ...] = ()) -> tuple[float, float]:
+def _lag1_from_differences(x: np.ndarray, bounds: tuple[int, ...] = (),
+                           squares: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+                           ) -> tuple[float, float]:
     """AR(1) coefficient from the mean squares of lag-1 and lag-2 differences (their ratio
     is 1 + φ), clipped to [0, 0.9], and its standard error (~1.4 √((1 + φ)/n) by
-    simulation): noisier than residual autocorrelation, but it needs no boundaries, so
-    no boundary can lower it, and a step moves it little.
+    simulation): noisier than residual autocorrelation, but it fits no levels, so no
+    boundary can lower it, and a step moves it little. `squares`: `_difference_squares(x)`,
+    when the caller has them.
 
     A step is in one lag-1 and the two lag-2 differences around it, and of a step tens of
     sigmas high their squares swamp both mean squares, whose ratio then tends to 2 (φ =
@@ -529,23 +532,34 @@ def _lag1_from_differences(x: np.ndarray, bounds: tuple[int, ...] = ()) -> tuple
     of more than _STEP_DIFFERENCE first-difference sigmas is left out, with both lag-2
     differences that span it: detection clips the series to its rolling level ±
     `clip_sigmas` of those sigmas, so at the default 3 noise differs by at most 6 and the
-    level's drift, while a step differs by its height. Leaving out lag-1 and lag-2
-    differences each by its own size would drop one and keep the other of a step near
-    the limit, which skews the ratio all the more."""
+    level's drift, while a step differs by its height. The differences across the
+    `bounds` being judged are left out too, as their steps' (a smaller step, of a few
+    sigmas, read as autocorrelation hid itself in a short series). Leaving out lag-1 and
+    lag-2 differences each by its own size would drop one and keep the other of a step
+    near the limit, which skews the ratio all the more."""
     if len(x) < 4:
         return 0.0, 0.0
-    lag1, lag2 = x[1:] - x[:-1], x[2:] - x[:-2]
+    one, two, jumps = squares if squares is not None else _difference_squares(x)
+    inside = [k - 1 for k in bounds if 0 < k < len(x)]
+    if inside:
+        jumps = jumps.copy()
+        jumps[inside] = True
+    if jumps.any():
+        one, two = one[~jumps], two[~(jumps[:-1] | jumps[1:])]
+    mean_square = float(np.mean(one)) if len(one) else 0.0
+    if mean_square == 0 or not len(two):
+        return 0.0, 0.0
+    rho = float(np.clip(np.mean(two) / mean_square - 1, 0.0, 0.9))
+    return rho, 1.4 * math.sqrt((1 + rho) / len(x))
+
+
+def _difference_squares(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(squared lag-1 differences, squared lag-2 differences, which lag-1 differences are
+    a step's by their size) of a series of at least 4 values."""
+    lag1 = x[1:] - x[:-1]
     sigma = robust_sigma(x)
     jumps = np.abs(lag1) > _STEP_DIFFERENCE * sigma if sigma > 0 else np.zeros(len(lag1), dtype=bool)
-    # the differences across the boundaries being judged are their steps' too
-    jumps[[k - 1 for k in bounds if 0 < k < len(x)]] = True
-    if jumps.any():
-        lag1, lag2 = lag1[~jumps], lag2[~(jumps[:-1] | jumps[1:])]
-    mean_square = float(np.mean(lag1**2)) if len(lag1) else 0.0
-    if mean_square == 0 or not len(lag2):
-        return 0.0, 0.0
-    rho = float(np.clip(np.mean(lag2**2) / mean_square - 1, 0.0, 0.9))
-    return rho, 1.4 * math.sqrt((1 + rho) / len(x))
+    return lag1**2, (x[2:] - x[:-2]) ** 2, jumps
 
 
 class _Stretches:
@@ -577,7 +591,10 @@ class _Stretches:
         return self._once(("excursion", a, b, start, stop), lambda: _excursion_t(self.x[a:b], start, stop))
 
     def lag1_from_differences(self, bounds: tuple[int, ...]) -> tuple[float, float]:
-        return self._once(("differences", bounds), lambda: _lag1_from_differences(self.x, bounds))
+        if len(self.x) < 4:
+            return 0.0, 0.0
+        squares = self._once(("squares",), lambda: _difference_squares(self.x))
+        return self._once(("differences", bounds), lambda: _lag1_from_differences(self.x, bounds, squares))
 
 
 def _noise(x: np.ndarray, bounds: list[int], sigma: float, cycle: int | None,

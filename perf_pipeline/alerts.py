@@ -67,11 +67,12 @@ def _severity(metric: str, magnitude: float, threshold: float) -> str:
 
 
 def _where(tests: list[str], node: str | None) -> str:
+    """What changed, for a title: the tests (one by name), the node, or both where some
+    tests changed on one node only."""
+    tests_part = (tests[0] if len(tests) == 1 else f"{len(tests)} tests") if tests else None
     if node:
-        return node
-    if len(tests) == 1:
-        return tests[0]
-    return f"{len(tests)} tests" if tests else "the fleet"
+        return f"{tests_part} on {node}" if tests_part else node
+    return tests_part or "the fleet"
 
 
 def _change_candidates(incidents: pd.DataFrame, changes: pd.DataFrame, causes: pd.DataFrame,

@@ -209,6 +209,17 @@ def test_a_ramp_is_titled_as_one_with_how_long_it_lasted():
     assert _reconcile(EMPTY, [_incident()], [step])[0].iloc[0].title == "test_execution_time +30% on a from run run-7"
 
 
+def test_a_node_problem_of_some_tests_names_the_tests_and_the_node():
+    incident = [_incident(attribution="node_problem", node="n3")]
+    some = [_change(t, node="n3", scope="node") for t in ("a", "b")]
+    assert _reconcile(EMPTY, incident, some)[0].iloc[0].title == \
+        "test_execution_time +30% on 2 tests on n3 from run run-7"
+    one = _reconcile(EMPTY, incident, some[:1])[0].iloc[0]
+    assert one.title == "test_execution_time +30% on a on n3 from run run-7" and list(one.tests) == ["a"]
+    whole = _reconcile(EMPTY, incident, [_change(None, node="n3", scope="node")])[0].iloc[0]
+    assert whole.title == "test_execution_time +30% on n3 from run run-7"
+
+
 def test_steps_of_one_commit_placed_a_few_runs_apart_and_their_run_series_are_one_alert():
     later = T0 + pd.Timedelta(hours=10)
     changes = [_change("a", incident="i1"), _change("b", incident="i2", at=later),

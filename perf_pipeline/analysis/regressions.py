@@ -137,33 +137,51 @@ def _single_node_runs(per_test: pd.DataFrame, ratio: pd.Series, metric: pd.Serie
     alone = known & (by_run.transform("min") == by_run.transform("max")).to_numpy()
     if not alone.any():
         return alone, per_test.iloc[:0]
-    lone = per_test[alone].assign(run_level=ratio[alone])
-    lone = lone.assign(run_level=lone["run_level"].groupby([metric[alone], run[alone]]).transform("median"))
+    lone = per_test[alone].assign(ratio=ratio[alone])
+    lone = lone.assign(run_level=lone["ratio"].groupby([metric[alone], run[alone]]).transform("median"))
     # each run's earliest point stands for it (its names, its time)
     lone = lone.sort_values("timestamp", kind="stable")
     runs = lone[~pd.DataFrame({"m": metric[lone.index], "r": run[lone.index]}).duplicated().to_numpy()]
     level = runs["run_level"].where(runs["run_level"] > 0)
     # against the node's absolute load: the neighbours ran at other hours of the day
     net = np.log(level / _load_factor(runs, level, points, against_fleet=False)).to_numpy()
-    nodes = pd.factorize(runs["node_id"])[0]
-    reference = np.full(len(runs), np.nan)
-    width = 2 * NEIGHBOUR_RUNS + 1
-    for positions in runs.groupby("metric_name", observed=True, sort=False).indices.values():
-        if len(positions) < width:
-            continue
-        values = np.lib.stride_tricks.sliding_window_view(
-            np.pad(net[positions], NEIGHBOUR_RUNS, constant_values=np.nan), width)
-        owners = np.lib.stride_tricks.sliding_window_view(
-            np.pad(nodes[positions], NEIGHBOUR_RUNS, constant_values=-1), width)
-        others = np.where(owners != nodes[positions][:, None], values, np.nan)
-        counted = np.isfinite(others).sum(axis=1) > 0
-        with np.errstate(all="ignore"):
-            reference[positions[counted]] = np.nanmedian(others[counted], axis=1)
+    reference = _other_nodes_median(net, runs["node_id"], runs.groupby("metric_name", observed=True,
+                                                                     sort=False).indices.values())
     judged = pd.Series(np.exp(net - reference), index=runs.index)
     runs = runs.assign(scope=_same(SCOPES, "node", runs), test_name=_missing(points["test_name"], runs),
                        value=runs["run_level"], relative=runs["run_level"], level=judged,
                        shift_level=judged, run_shape=True)
-    return alone, runs.drop(columns=["run_level"]).dropna(subset=["level"])
+    # Some tests slower on one node only (a slow disk slows the tests that write): each
+    # test's ratio to its run, on its node, over the same test's on the other nodes around
+    # it; a series per test and node. The run's level cancels what the whole node does (its
+    # own series above holds that), the other nodes' runs what a code change does.
+    within = np.log((lone["ratio"] / lone["run_level"]).where(lone["run_level"] > 0)).to_numpy()
+    elsewhere = _other_nodes_median(within, lone["node_id"], lone.groupby(
+        ["metric_name", "test_name"], observed=True, sort=False).indices.values())
+    shifted = pd.Series(np.exp(within - elsewhere), index=lone.index)
+    lone = lone.assign(scope=_same(SCOPES, "node", lone), level=shifted, shift_level=shifted, run_shape=True)
+    return alone, pd.concat([runs.drop(columns=["run_level", "ratio"]), lone.drop(columns=["run_level", "ratio"])],
+                            ignore_index=True).dropna(subset=["level"])
+
+
+def _other_nodes_median(values: np.ndarray, nodes: pd.Series, groups) -> np.ndarray:
+    """For each value, in time order within its group (rows' positions), the median of the
+    NEIGHBOUR_RUNS values either side of it in its group that are not of its node (NaN
+    where none is)."""
+    codes = pd.factorize(nodes)[0]
+    reference = np.full(len(values), np.nan)
+    width = 2 * NEIGHBOUR_RUNS + 1
+    for positions in groups:
+        if len(positions) < width:
+            continue
+        window = np.lib.stride_tricks.sliding_window_view(
+            np.pad(values[positions], NEIGHBOUR_RUNS, constant_values=np.nan), width)
+        owners = np.lib.stride_tricks.sliding_window_view(
+            np.pad(codes[positions], NEIGHBOUR_RUNS, constant_values=-1), width)
+        others = np.where(owners != codes[positions][:, None], window, np.nan)
+        counted = np.isfinite(others).sum(axis=1) > 0
+        reference[positions[counted]] = np.nanmedian(others[counted], axis=1)
+    return reference
 
 
 # The names of points and series: categories (integer codes into the sorted names) rather

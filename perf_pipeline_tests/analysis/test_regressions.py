@@ -18,15 +18,15 @@ RUNS_PER_DAY, DAYS, NODES, TESTS = 12, 30, 8, 30
 
 def _fleet(seed: int, *, slowdown_at: int | None = None, slowed: int = TESTS, retries: bool = False,
            commits: bool = True, build_step_at: int | None = None, one_node_runs: bool = False,
-           node_slowdown_at: int | None = None) -> pd.DataFrame:
+           node_slowdown_at: int | None = None, node_slowed: int = TESTS) -> pd.DataFrame:
     """Normalized points of a fleet whose test durations follow their node's CPU, which
     follows the fleet's daily and weekly load cycle (as in the simulator): nothing changes
     unless the first `slowed` tests (all by default) slow by 25% from run `slowdown_at`.
     Each run records its commit unless `commits` is false; with `build_step_at`, each run
     also reports a build time, which grows by 30% from that run. A run's tests spread over
     the nodes, or with `one_node_runs` all run on one node (run r on node r % NODES, as a
-    CI job takes one runner); with `node_slowdown_at`, node-03 runs every test 30% slower
-    from that run on."""
+    CI job takes one runner); with `node_slowdown_at`, node-03 runs the first `node_slowed`
+    tests (all by default) 30% slower from that run on."""
     rng = np.random.default_rng(seed)
     hours = DAYS * 24
     hour_times = START + pd.to_timedelta(np.arange(hours) + 0.5, unit="h")
@@ -49,7 +49,8 @@ def _fleet(seed: int, *, slowdown_at: int | None = None, slowed: int = TESTS, re
     if slowdown_at is not None:
         duration[slowdown_at:, :slowed] *= 1.25
     if node_slowdown_at is not None:
-        duration[node_slowdown_at:] *= np.where(assignment[node_slowdown_at:] == 3, 1.3, 1.0)
+        duration[node_slowdown_at:, :node_slowed] *= np.where(
+            assignment[node_slowdown_at:, :node_slowed] == 3, 1.3, 1.0)
     metrics = {"test_execution_time": duration}
     if retries:
         metrics["test_retry_count"] = rng.poisson(0.02, (n_runs, TESTS)).astype(float)
@@ -119,6 +120,33 @@ def test_a_node_that_turns_slow_is_found_where_each_run_executes_on_one_node(loa
     code = series_change_points(build_series(points(slowdown_at=200)))
     assert not (code["scope"] == "node").any(), code[["scope", "node_id", "first_test_run_id"]]
     assert (code["scope"] == "test").sum() == TESTS
+
+
+@pytest.mark.parametrize("load_reported", [True, False])
+def test_some_tests_slower_on_one_node_are_found_where_each_run_executes_on_one_node(load_reported):
+    """5 of 30 tests 30% slower on node-03 only (a slow disk slows the tests that write):
+    the run's median hardly moves, and each test's series sees one run in eight. Each test
+    on a node is judged against the same test on the other nodes around it."""
+    def points(**change) -> pd.DataFrame:
+        fleet = _fleet(2, one_node_runs=True, **change)
+        return fleet if load_reported else fleet[fleet["metric_name"] != "cpu_usage"]
+
+    series = build_series(points(node_slowdown_at=200, node_slowed=5))
+    changes, incidents = group_incidents(series_change_points(series), series)
+    on_node = changes[changes["scope"] == "node"]
+    assert set(on_node["node_id"]) == {"node-03"}
+    assert set(on_node["test_name"]) <= {f"test_{t:02d}" for t in range(5)} and len(on_node) >= 4
+    assert set(on_node["first_test_run_id"]) <= {"run-0203", "run-0211"}
+    assert (changes["scope"] == "node").all(), changes[["scope", "test_name", "first_test_run_id"]]
+    (incident,) = incidents.itertuples(index=False)
+    assert incident.attribution == "node_problem" and set(incident.tests) == set(on_node["test_name"])
+    contexts = pd.DataFrame(columns=["test_run_id", "node_id", "field", "value"])
+    correlations = pd.DataFrame(columns=["metric_a", "metric_b", "pearson_r", "flagged"])
+    causes = suspected_causes(incidents, changes, series, contexts, correlations)
+    assert causes.iloc[0][["cause_type", "cause"]].tolist() == ["node", "node-03"]
+    # the same 5 tests slower on every node are a code change, not five nodes' problems
+    code = series_change_points(build_series(points(slowdown_at=200, slowed=5)))
+    assert not (code["scope"] == "node").any(), code[["scope", "node_id", "test_name"]]
 
 
 def test_a_change_most_tests_share_is_found_in_those_tests_and_the_others_stay_quiet():

@@ -117,8 +117,9 @@ NEIGHBOUR_RUNS = 4
 
 def _single_node_runs(per_test: pd.DataFrame, ratio: pd.Series, metric: pd.Series, node: pd.Series,
                       run: pd.Series, points: pd.DataFrame) -> tuple[np.ndarray, pd.DataFrame]:
-    """(which per-test points ran in a run on one node, the node series' point of each such
-    run).
+    """(which per-test points ran in a run on one node, the node series' points of such
+    runs: one per run in the node's series, and one per test point in the series of that
+    test on that node).
 
     A node is judged against the other nodes of the same run, and a run on one node (a CI
     job on one runner) has none: its median cancels the node's slowdown. Such a run is

@@ -143,9 +143,10 @@ _RAMP_MARGIN = 0.5
 # A difference between neighbours of a clipped series (see _clipped) larger than this
 # many first-difference sigmas is a step's, not the noise's (see _lag1_from_differences):
 # twice the default clip, the most two clipped noise values can differ around one level.
-# At 8, a step of 6-8 sigmas was kept and read as autocorrelation, and hid itself (a 30%
-# step on 3% noise, 14 points from the end of 45, in 4 series of 20); the noise-only
-# false alarms and the labelled suite's figures are the same at 5, 6 and 8.
+# At 8, a step of 6-8 sigmas was kept and read as autocorrelation, and hid itself: a 30%
+# step 14 points from the end of a node's 45 runs was missed in 4 series of 20 at 8 and in
+# 2 at 6 (1 once the boundaries' own differences are left out too); the noise-only false
+# alarms and the labelled suite's figures are the same at 5, 6 and 8.
 _STEP_DIFFERENCE = 6.0
 
 
@@ -517,14 +518,13 @@ class _Noise:
     spread: float
 
 
-def _lag1_from_differences(x: np.ndarray, bounds: tuple[int, ...] = (),
-                           squares: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
-                           ) -> tuple[float, float]:
+def _lag1_from_differences(squares: tuple[np.ndarray, np.ndarray, np.ndarray],
+                           bounds: tuple[int, ...] = ()) -> tuple[float, float]:
     """AR(1) coefficient from the mean squares of lag-1 and lag-2 differences (their ratio
     is 1 + φ), clipped to [0, 0.9], and its standard error (~1.4 √((1 + φ)/n) by
     simulation): noisier than residual autocorrelation, but it fits no levels, so no
-    boundary can lower it, and a step moves it little. `squares`: `_difference_squares(x)`,
-    when the caller has them.
+    boundary can lower it, and a step moves it little. `squares`: `_difference_squares` of
+    the series.
 
     A step is in one lag-1 and the two lag-2 differences around it, and of a step tens of
     sigmas high their squares swamp both mean squares, whose ratio then tends to 2 (φ =
@@ -537,10 +537,11 @@ def _lag1_from_differences(x: np.ndarray, bounds: tuple[int, ...] = (),
     sigmas, read as autocorrelation hid itself in a short series). Leaving out lag-1 and
     lag-2 differences each by its own size would drop one and keep the other of a step
     near the limit, which skews the ratio all the more."""
-    if len(x) < 4:
+    one, two, jumps = squares
+    n = len(one) + 1
+    if n < 4:
         return 0.0, 0.0
-    one, two, jumps = squares if squares is not None else _difference_squares(x)
-    inside = [k - 1 for k in bounds if 0 < k < len(x)]
+    inside = [k - 1 for k in bounds if 0 < k < n]
     if inside:
         jumps = jumps.copy()
         jumps[inside] = True
@@ -550,12 +551,12 @@ def _lag1_from_differences(x: np.ndarray, bounds: tuple[int, ...] = (),
     if mean_square == 0 or not len(two):
         return 0.0, 0.0
     rho = float(np.clip(np.mean(two) / mean_square - 1, 0.0, 0.9))
-    return rho, 1.4 * math.sqrt((1 + rho) / len(x))
+    return rho, 1.4 * math.sqrt((1 + rho) / n)
 
 
 def _difference_squares(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(squared lag-1 differences, squared lag-2 differences, which lag-1 differences are
-    a step's by their size) of a series of at least 4 values."""
+    a step's by their size) of a series."""
     lag1 = x[1:] - x[:-1]
     sigma = robust_sigma(x)
     jumps = np.abs(lag1) > _STEP_DIFFERENCE * sigma if sigma > 0 else np.zeros(len(lag1), dtype=bool)
@@ -591,10 +592,8 @@ class _Stretches:
         return self._once(("excursion", a, b, start, stop), lambda: _excursion_t(self.x[a:b], start, stop))
 
     def lag1_from_differences(self, bounds: tuple[int, ...]) -> tuple[float, float]:
-        if len(self.x) < 4:
-            return 0.0, 0.0
         squares = self._once(("squares",), lambda: _difference_squares(self.x))
-        return self._once(("differences", bounds), lambda: _lag1_from_differences(self.x, bounds, squares))
+        return self._once(("differences", bounds), lambda: _lag1_from_differences(squares, bounds))
 
 
 def _noise(x: np.ndarray, bounds: list[int], sigma: float, cycle: int | None,

@@ -84,8 +84,9 @@ def build_series(points: pd.DataFrame) -> pd.DataFrame:
     run_speed = by_run.transform("median").where(by_run.transform("count") >= MIN_RUN_TESTS)
     node_level = relative / run_level.where(run_level > 0).fillna(1.0)
     # A run on one node has no other node to judge that node against: such runs are judged
-    # against the runs on other nodes around them instead, a point per run
-    # (`_single_node_runs`); their points leave the node's series of ratios to the run.
+    # against the runs on other nodes around them instead, a point per run in the node's
+    # series and one per test in that test's series on the node (`_single_node_runs`);
+    # their points leave the node's series of ratios to the run.
     alone, lone_runs = _single_node_runs(per_test, relative / speed, metric, node, run, points)
     # the window's series are the largest frame an analysis holds: the intermediates go
     # before the parts are built and concatenated (at L, 0.5 GB of the peak)
@@ -126,10 +127,11 @@ def _single_node_runs(per_test: pd.DataFrame, ratio: pd.Series, metric: pd.Serie
     judged instead against the runs on other nodes around it: its level (the median of its
     tests' `ratio`s, their ratios to their own median at the node's usual speed) net of
     its node's load at the time (the load cycle the fleet shares, and the node's own), over
-    the median of the NEIGHBOUR_RUNS runs either side on other nodes, net of theirs. A code
-    change moves a run and its neighbours alike and cancels, but for the few runs whose
-    neighbours straddle it: a point per run, and a node series needs a day's runs on either
-    side of a change (see `_changes_of`), keep those few from reading as a change."""
+    the median of those of the NEIGHBOUR_RUNS runs either side that ran on other nodes, net
+    of theirs. A code change moves a run and its neighbours alike and cancels, but for the
+    few runs whose neighbours straddle it: a point per run, and a node series needs at
+    least `min_size` of its runs, and a day's, on either side of a change (see
+    `_changes_of`), keep those few from reading as a change."""
     alone = np.zeros(len(per_test), dtype=bool)
     if per_test.empty:
         return alone, per_test.iloc[:0]
@@ -166,9 +168,9 @@ def _single_node_runs(per_test: pd.DataFrame, ratio: pd.Series, metric: pd.Serie
 
 
 def _other_nodes_median(values: np.ndarray, nodes: pd.Series, groups) -> np.ndarray:
-    """For each value, in time order within its group (rows' positions), the median of the
-    NEIGHBOUR_RUNS values either side of it in its group that are not of its node (NaN
-    where none is)."""
+    """For each value, in time order within its group (rows' positions), the median of
+    those of the NEIGHBOUR_RUNS values either side of it in its group that are not of its
+    node (NaN where none is)."""
     codes = pd.factorize(nodes)[0]
     reference = np.full(len(values), np.nan)
     width = 2 * NEIGHBOUR_RUNS + 1
